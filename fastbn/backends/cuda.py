@@ -1,0 +1,617 @@
+"""The ``cuda`` backend: the kernel table of ``CONTRACT.md`` on NVIDIA GPUs via ``numba.cuda``.
+
+Install with ``pip install "fastbn[cuda]"`` (the ``numba-cuda`` package, which brings
+``cuda-bindings``); a GPU with its driver is needed at run time. The kernels also run on
+the CPU under numba's CUDA simulator (``NUMBA_ENABLE_CUDASIM=1`` set before numba is
+imported), which is how the test suite checks them.
+
+Importing this module never imports ``numba.cuda``: that happens on the first call of
+:func:`is_available` or of any kernel or device helper below.
+
+Hooks for the Python layer (``fastbn/_dispatch.py``)
+----------------------------------------------------
+Backend duties (same as every backend):
+
+``NAME``, ``is_available()``, ``unavailable_reason()``, ``kernels(layout, *, launch=None)``
+    The kernel table. Every array argument must already be a device array (numba
+    ``DeviceNDArray`` or any ``__cuda_array_interface__`` object); a NumPy array raises
+    ``TypeError`` (numba would otherwise copy it to the device and back behind your back).
+    ``nthreads`` is accepted and ignored. Launches are asynchronous on the default stream.
+
+Device-array duties (only backends with their own memory have them; ``DEVICE = True``):
+
+``is_device_array(obj) -> bool``
+    ``obj`` lives on the GPU (``__cuda_array_interface__`` or a numba device array, also
+    the simulator's). Never imports ``numba.cuda``.
+``as_device(obj)``
+    A numba device-array view of a device object, without copy.
+``to_device(a)``
+    Copy a host (NumPy) array to a new device array.
+``to_host(d, out=None) -> np.ndarray``
+    Copy a device array to the host (into ``out`` when given); synchronizes.
+``empty(shape, dtype)`` / ``full(shape, value, dtype)``
+    Allocate a device array (uninitialized / filled on the device).
+``copy_into(src, dst)``
+    ``dst[...] = src`` on the device for two arrays of the same shape (dtypes may differ).
+``update_running(running_mean, running_var, mean, var, momentum, m)``
+    In place on the device: ``running_mean = (1-momentum)*running_mean + momentum*mean``,
+    ``running_var = (1-momentum)*running_var + momentum*var*m/(m-1)``.
+``synchronize()``
+    Wait for every kernel launched so far.
+``LaunchConfig`` / ``default_launch()``
+    Block and grid sizes, derived from the current device (``MAX_THREADS_PER_BLOCK``,
+    ``MAX_THREADS_PER_MULTIPROCESSOR``, ``MULTIPROCESSOR_COUNT``); small under the
+    simulator. Results never depend on them.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "DEVICE",
+    "NAME",
+    "LaunchConfig",
+    "as_device",
+    "copy_into",
+    "default_launch",
+    "empty",
+    "full",
+    "is_available",
+    "is_device_array",
+    "kernels",
+    "simulator_enabled",
+    "synchronize",
+    "to_device",
+    "to_host",
+    "unavailable_reason",
+    "update_running",
+]
+
+NAME = "cuda"
+#: This backend keeps its data in device memory (see the device-array hooks above).
+DEVICE = True
+
+_INSTALL = (
+    'install the extra with `pip install "fastbn[cuda]"` (numba-cuda and cuda-bindings) '
+    "and run on a machine with an NVIDIA GPU and its driver, or set NUMBA_ENABLE_CUDASIM=1 "
+    "before numba is imported to run the kernels on the CPU simulator (slow, for tests)"
+)
+
+
+def simulator_enabled() -> bool:
+    """Return whether numba's CUDA simulator is on in this process.
+
+    Returns
+    -------
+    bool
+        True when ``NUMBA_ENABLE_CUDASIM`` was set to a non-zero value (numba reads it
+        once, when it is imported).
+    """
+    if "numba" in sys.modules:
+        from numba import config
+
+        return bool(config.ENABLE_CUDASIM)
+    return os.environ.get("NUMBA_ENABLE_CUDASIM", "0") not in ("", "0")
+
+
+@lru_cache(maxsize=1)
+def _probe() -> str | None:
+    """Return ``None`` when the backend is usable, else the reason it is not (cached)."""
+    if importlib.util.find_spec("numba_cuda") is None:
+        return f"the cuda backend needs the numba-cuda package: {_INSTALL}"
+    try:
+        from numba import cuda
+    except Exception as exc:  # pragma: no cover - depends on the installation
+        return f"numba.cuda cannot be imported ({exc}): {_INSTALL}"
+    if simulator_enabled():
+        return None
+    try:
+        if cuda.is_available():
+            return None
+    except Exception as exc:  # pragma: no cover - depends on the driver
+        return f"numba.cuda found no usable GPU ({exc}): {_INSTALL}"
+    return f"numba.cuda found no usable GPU or CUDA driver: {_INSTALL}"
+
+
+def is_available() -> bool:
+    """Return whether the cuda backend can run in this process.
+
+    True when ``numba-cuda`` is installed and either numba.cuda reports a usable GPU
+    (driver initialized, no context created, no compilation) or the simulator is on. The
+    answer is cached.
+
+    Returns
+    -------
+    bool
+        Whether :func:`kernels` can be used.
+    """
+    return _probe() is None
+
+
+def unavailable_reason() -> str:
+    """Return why the backend is unavailable, with the install command; ``""`` if it is.
+
+    Returns
+    -------
+    str
+        A message naming ``pip install "fastbn[cuda]"`` and the GPU/driver requirement.
+    """
+    return _probe() or ""
+
+
+def _cuda():
+    """Import and return ``numba.cuda``, raising a clear error when it is unusable."""
+    reason = _probe()
+    if reason is not None:
+        raise RuntimeError(reason)
+    from numba import cuda
+
+    return cuda
+
+
+def _k():
+    """Import and return the kernel module (compiles nothing by itself)."""
+    _cuda()
+    from fastbn.backends import _cuda_kernels
+
+    return _cuda_kernels
+
+
+# ---------------------------------------------------------------------------------------
+# Launch configuration
+# ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class LaunchConfig:
+    """Block and grid sizes of the backend's launches.
+
+    Parameters
+    ----------
+    threads : int
+        Threads per block (reductions use at most 256 of them).
+    blocks : int
+        Largest number of blocks of a launch; every kernel loops over its work
+        (grid-stride), so any value >= 1 is correct.
+    """
+
+    threads: int
+    blocks: int
+
+    def __post_init__(self) -> None:
+        if self.threads < 1 or self.blocks < 1:
+            raise ValueError(f"LaunchConfig needs threads >= 1 and blocks >= 1, got {self}")
+
+
+#: Under the simulator every CUDA thread is a Python thread: keep blocks small.
+_SIM_LAUNCH = LaunchConfig(threads=32, blocks=4)
+
+
+@lru_cache(maxsize=8)
+def _device_launch(device_id: int) -> LaunchConfig:
+    cuda = _cuda()
+    dev = cuda.get_current_device()
+    threads = min(256, int(dev.MAX_THREADS_PER_BLOCK))
+    per_sm = max(1, int(dev.MAX_THREADS_PER_MULTIPROCESSOR) // threads)
+    # Four waves of resident blocks: enough to hide latency, few enough that the
+    # grid-stride loops amortize the per-block setup.
+    return LaunchConfig(threads=threads, blocks=int(dev.MULTIPROCESSOR_COUNT) * per_sm * 4)
+
+
+def default_launch() -> LaunchConfig:
+    """Return the launch configuration for the current device.
+
+    Returns
+    -------
+    LaunchConfig
+        ``threads = min(256, MAX_THREADS_PER_BLOCK)`` and enough blocks for four waves of
+        ``MULTIPROCESSOR_COUNT * MAX_THREADS_PER_MULTIPROCESSOR // threads`` resident
+        blocks; ``LaunchConfig(32, 4)`` under the simulator.
+    """
+    if simulator_enabled():
+        return _SIM_LAUNCH
+    return _device_launch(int(_cuda().get_current_device().id))
+
+
+def _pow2_at_least(n: int) -> int:
+    p = 1
+    while p < n:
+        p *= 2
+    return p
+
+
+def _grid_1d(work: int, cfg: LaunchConfig) -> int:
+    return max(1, min(work, cfg.blocks))
+
+
+def _elementwise_launch(
+    rows: int, cols: int, cfg: LaunchConfig
+) -> tuple[tuple[int, int], tuple[int, int]]:
+    """2-D ``(grid, block)`` for a loop over ``rows x cols`` (x along the columns)."""
+    bx = min(cfg.threads, max(32, _pow2_at_least(cols)))
+    by = max(1, cfg.threads // bx)
+    gx = max(1, min(-(-cols // bx), cfg.blocks))
+    gy = max(1, min(-(-rows // by), max(1, cfg.blocks // gx), 65535))
+    return (gx, gy), (bx, by)
+
+
+# ---------------------------------------------------------------------------------------
+# The kernel table
+# ---------------------------------------------------------------------------------------
+
+
+def _require_device(*arrays: Any) -> None:
+    for a in arrays:
+        if isinstance(a, np.ndarray):
+            raise TypeError(
+                "the cuda kernels take device arrays, got a numpy.ndarray; "
+                "move it with fastbn.backends.cuda.to_device first"
+            )
+
+
+class _Table:
+    """The five kernels for one layout and one launch configuration."""
+
+    def __init__(self, layout: str, launch: LaunchConfig | None) -> None:
+        self.nchw = layout == "nchw"
+        self.launch = launch
+        self.k = _k()
+        self.cuda = _cuda()
+
+    # -- helpers -----------------------------------------------------------------------
+
+    def _cfg(self) -> LaunchConfig:
+        return self.launch if self.launch is not None else default_launch()
+
+    def _dims(self, x: Any) -> tuple[int, int, int]:
+        """Return ``(C, M, ncols)`` of a canonical view."""
+        if self.nchw:
+            n, c, s = x.shape
+            return c, n * s, s
+        r, c = x.shape
+        return c, r, c
+
+    def _reduce(self, kind: int, x: Any, dy: Any, mean: Any, cfg: LaunchConfig) -> tuple:
+        """Launch the chunk-partial kernel; return ``(part, nchunks, M)``."""
+        k = self.k
+        nc, m_len, _ = self._dims(x)
+        if self.nchw:
+            kk, nchunks = k.chunk_geometry_nchw(m_len)
+            block: int | tuple[int, int] = min(cfg.threads, k.LANES)
+            nitems = nc * nchunks
+            kernel = k.reduce_nchw(kind)
+        else:
+            kk, nchunks = k.chunk_geometry_nhwc(m_len)
+            bx = min(cfg.threads, k.NHWC_TILE)
+            by = max(1, min(cfg.threads // bx, k.NHWC_ROW_LANES))
+            block = (bx, by)
+            nitems = -(-nc // k.NHWC_TILE) * nchunks
+            kernel = k.reduce_nhwc(kind)
+        part = self.cuda.device_array((nc, nchunks, 3), dtype=np.float64)
+        kernel[_grid_1d(nitems, cfg), block](x, dy, mean, kk, nchunks, part)
+        return part, nchunks, m_len
+
+    def _finalize_block(self, nchunks: int, cfg: LaunchConfig) -> int:
+        return max(1, min(cfg.threads, _pow2_at_least(nchunks) // 2))
+
+    def _elementwise(self, kernel_nchw, kernel_nhwc, x: Any, cfg: LaunchConfig, *args) -> None:
+        nc, _, ncols = self._dims(x)
+        if self.nchw:
+            grid, block = _elementwise_launch(x.shape[0] * nc, ncols, cfg)
+            kernel_nchw[grid, block](*args)
+        else:
+            grid, block = _elementwise_launch(x.shape[0], ncols, cfg)
+            kernel_nhwc[grid, block](*args)
+
+    # -- the contract --------------------------------------------------------------------
+
+    def stats(self, x: Any, mean: Any, var: Any, nthreads: int = 1) -> None:
+        """Per-channel mean and population variance of ``x``."""
+        _require_device(x, mean, var)
+        cfg = self._cfg()
+        part, nchunks, m_len = self._reduce(self.k._STATS, x, x, mean, cfg)
+        self.k.finalize_stats[
+            _grid_1d(mean.shape[0], cfg), self._finalize_block(nchunks, cfg)
+        ](part, nchunks, m_len, 0.0, mean, mean, var, mean, mean, False)
+
+    def train_forward(
+        self,
+        x: Any,
+        weight: Any,
+        bias: Any,
+        eps: float,
+        y: Any,
+        mean: Any,
+        var: Any,
+        invstd: Any,
+        nthreads: int = 1,
+    ) -> None:
+        """Batch statistics, ``invstd`` and ``y = (x - mean) * (weight*invstd) + bias``."""
+        _require_device(x, weight, bias, y, mean, var, invstd)
+        cfg = self._cfg()
+        part, nchunks, m_len = self._reduce(self.k._STATS, x, x, mean, cfg)
+        scale = self.cuda.device_array(mean.shape[0], dtype=np.float64)
+        self.k.finalize_stats[
+            _grid_1d(mean.shape[0], cfg), self._finalize_block(nchunks, cfg)
+        ](part, nchunks, m_len, float(eps), weight, mean, var, invstd, scale, True)
+        self._elementwise(
+            self.k.normalize_nchw, self.k.normalize_nhwc, x, cfg, x, mean, scale, bias, y
+        )
+
+    def normalize(
+        self, x: Any, mean: Any, scale: Any, bias: Any, y: Any, nthreads: int = 1
+    ) -> None:
+        """``y = (x - mean) * scale + bias``."""
+        _require_device(x, mean, scale, bias, y)
+        self._elementwise(
+            self.k.normalize_nchw, self.k.normalize_nhwc, x, self._cfg(), x, mean, scale, bias, y
+        )
+
+    def _sums(self, dy, x, mean, weight, invstd, sum_dy, sum_dy_xmu, cfg, with_coef):
+        part, nchunks, m_len = self._reduce(self.k._SUMS, x, dy, mean, cfg)
+        coef = self.cuda.device_array((mean.shape[0], 3), dtype=np.float64)
+        self.k.finalize_sums[_grid_1d(mean.shape[0], cfg), self._finalize_block(nchunks, cfg)](
+            part, nchunks, m_len, weight, invstd, sum_dy, sum_dy_xmu, coef, with_coef
+        )
+        return coef
+
+    def backward_reduce(
+        self, dy: Any, x: Any, mean: Any, sum_dy: Any, sum_dy_xmu: Any, nthreads: int = 1
+    ) -> None:
+        """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
+        _require_device(dy, x, mean, sum_dy, sum_dy_xmu)
+        self._sums(dy, x, mean, mean, mean, sum_dy, sum_dy_xmu, self._cfg(), False)
+
+    def backward_train(
+        self,
+        dy: Any,
+        x: Any,
+        mean: Any,
+        invstd: Any,
+        weight: Any,
+        dx: Any,
+        sum_dy: Any,
+        sum_dy_xmu: Any,
+        nthreads: int = 1,
+    ) -> None:
+        """The backward sums, then ``dx`` of a training-mode forward."""
+        _require_device(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
+        cfg = self._cfg()
+        coef = self._sums(dy, x, mean, weight, invstd, sum_dy, sum_dy_xmu, cfg, True)
+        self._elementwise(self.k.dx_nchw, self.k.dx_nhwc, x, cfg, dy, x, mean, coef, dx)
+
+    def as_dict(self) -> dict[str, Callable[..., None]]:
+        return {
+            "stats": self.stats,
+            "train_forward": self.train_forward,
+            "normalize": self.normalize,
+            "backward_reduce": self.backward_reduce,
+            "backward_train": self.backward_train,
+        }
+
+
+def kernels(layout: str, *, launch: LaunchConfig | None = None) -> dict[str, Callable[..., None]]:
+    """Return the kernel table of ``CONTRACT.md`` for a canonical layout.
+
+    Parameters
+    ----------
+    layout : {"nchw", "nhwc"}
+        The canonical view: ``(N, C, S)`` or ``(R, C)``.
+    launch : LaunchConfig, optional
+        Block and grid sizes; by default :func:`default_launch` at each call. Results are
+        bitwise identical for every value.
+
+    Returns
+    -------
+    dict
+        ``stats``, ``train_forward``, ``normalize``, ``backward_reduce``,
+        ``backward_train``, taking device arrays (see the module docstring).
+
+    Raises
+    ------
+    ValueError
+        For an unknown layout.
+    RuntimeError
+        When the backend is unavailable (the message says what to install).
+    """
+    if layout not in ("nchw", "nhwc"):
+        raise ValueError(f"layout must be 'nchw' or 'nhwc', got {layout!r}")
+    return _Table(layout, launch).as_dict()
+
+
+# ---------------------------------------------------------------------------------------
+# Device-array hooks
+# ---------------------------------------------------------------------------------------
+
+
+def is_device_array(obj: Any) -> bool:
+    """Return whether ``obj`` is a GPU array (never imports ``numba.cuda``).
+
+    Parameters
+    ----------
+    obj : object
+        Anything.
+
+    Returns
+    -------
+    bool
+        True for objects with ``__cuda_array_interface__`` (numba, CuPy, PyTorch CUDA
+        tensors...) and for numba device arrays, including the simulator's.
+    """
+    if hasattr(obj, "__cuda_array_interface__"):
+        return True
+    if isinstance(obj, np.ndarray) or "numba.cuda" not in sys.modules:
+        return False
+    return bool(getattr(obj, "__cuda_ndarray__", False))
+
+
+def as_device(obj: Any) -> Any:
+    """Return a numba device-array view of a device object, without copying.
+
+    Parameters
+    ----------
+    obj : object
+        A numba device array or any ``__cuda_array_interface__`` object.
+
+    Returns
+    -------
+    numba device array
+        ``obj`` itself when it already is one.
+
+    Raises
+    ------
+    TypeError
+        When ``obj`` is not a device array.
+    """
+    if not is_device_array(obj):
+        raise TypeError(f"expected a CUDA device array, got {type(obj).__name__}")
+    if getattr(obj, "__cuda_ndarray__", False):
+        return obj
+    return _cuda().as_cuda_array(obj)
+
+
+def to_device(a: np.ndarray) -> Any:
+    """Copy a host array to a new device array.
+
+    Parameters
+    ----------
+    a : numpy.ndarray
+        Host data (made C-contiguous first if it is not).
+
+    Returns
+    -------
+    numba device array
+        A C-contiguous device copy of ``a``.
+    """
+    return _cuda().to_device(np.ascontiguousarray(a))
+
+
+def to_host(d: Any, out: np.ndarray | None = None) -> np.ndarray:
+    """Copy a device array to the host (synchronizing first).
+
+    Parameters
+    ----------
+    d : numba device array
+        The source.
+    out : numpy.ndarray, optional
+        A C-contiguous host array of the same shape and dtype to copy into.
+
+    Returns
+    -------
+    numpy.ndarray
+        ``out`` when given, else a new array.
+    """
+    d = as_device(d)
+    if out is None:
+        return d.copy_to_host()
+    d.copy_to_host(out)
+    return out
+
+
+def empty(shape: int | tuple[int, ...], dtype: Any) -> Any:
+    """Allocate an uninitialized C-contiguous device array.
+
+    Parameters
+    ----------
+    shape : int or tuple of int
+        The shape.
+    dtype : dtype-like
+        The element type.
+
+    Returns
+    -------
+    numba device array
+        The new array.
+    """
+    return _cuda().device_array(shape, dtype=np.dtype(dtype))
+
+
+def full(shape: int, value: float, dtype: Any) -> Any:
+    """Allocate a 1-D device array filled with ``value`` on the device.
+
+    Parameters
+    ----------
+    shape : int
+        The length.
+    value : float
+        The fill value.
+    dtype : dtype-like
+        The element type.
+
+    Returns
+    -------
+    numba device array
+        The new array.
+    """
+    a = empty(shape, dtype)
+    cfg = default_launch()
+    if a.shape[0]:
+        _k().fill[_grid_1d(-(-a.shape[0] // cfg.threads), cfg), cfg.threads](a, value)
+    return a
+
+
+def copy_into(src: Any, dst: Any) -> None:
+    """Copy ``src`` into ``dst`` on the device (same shape; the dtype may differ).
+
+    Parameters
+    ----------
+    src, dst : numba device arrays
+        C-contiguous arrays of the same shape.
+
+    Raises
+    ------
+    ValueError
+        When the shapes differ.
+    """
+    src = as_device(src)
+    dst = as_device(dst)
+    if tuple(src.shape) != tuple(dst.shape):
+        raise ValueError(f"copy_into: shapes differ, {src.shape} and {dst.shape}")
+    if src.size == 0:
+        return
+    if src.dtype == dst.dtype:
+        dst.copy_to_device(src)
+        return
+    s = src.reshape(src.size)
+    d = dst.reshape(dst.size)
+    cfg = default_launch()
+    _k().copy_1d[_grid_1d(-(-s.shape[0] // cfg.threads), cfg), cfg.threads](s, d)
+
+
+def update_running(
+    running_mean: Any, running_var: Any, mean: Any, var: Any, momentum: float, m: int
+) -> None:
+    """Update running statistics in place on the device.
+
+    Parameters
+    ----------
+    running_mean, running_var : numba device arrays
+        ``(C,)`` running statistics (float32 or float64), updated in place.
+    mean, var : numba device arrays
+        ``(C,)`` float64 batch mean and population variance.
+    momentum : float
+        The update factor.
+    m : int
+        Values per channel in the batch (``>= 2``); the variance gets ``m/(m-1)``.
+    """
+    _require_device(running_mean, running_var, mean, var)
+    nc = running_mean.shape[0]
+    cfg = default_launch()
+    threads = min(cfg.threads, 128)
+    _k().update_running[max(1, -(-nc // threads)), threads](
+        running_mean, running_var, mean, var, float(momentum), int(m)
+    )
+
+
+def synchronize() -> None:
+    """Block until every kernel launched so far has finished."""
+    _cuda().synchronize()
