@@ -310,9 +310,7 @@ def reduce_nhwc(kind: int):
                     a2 = 0.0
                     if c < nc:
                         if kind == _STATS:
-                            a0, a1, a2 = _lane_stats_nhwc(
-                                x, c, base + lane, stop, NHWC_ROW_LANES
-                            )
+                            a0, a1, a2 = _lane_stats_nhwc(x, c, base + lane, stop, NHWC_ROW_LANES)
                         else:
                             a0, a1, a2 = _lane_sums_nhwc(
                                 dy, x, mean[c], c, base + lane, stop, NHWC_ROW_LANES
@@ -481,11 +479,15 @@ def dx_nhwc(dy, x, mean, coef, dx):
 
 
 @cuda.jit
-def update_running(running_mean, running_var, mean, var, momentum, m_len):
-    """In place: ``rm = (1-m)*rm + m*mean``, ``rv = (1-m)*rv + m*var*M/(M-1)``."""
+def update_running(running_mean, running_var, mean, var, momentum, correction):
+    """In place: ``rm = (1-m)*rm + m*mean``, ``rv = (1-m)*rv + m*(var*correction)``.
+
+    ``correction`` is ``M/(M-1)`` computed on the host, so that the arithmetic is the same
+    as the CPU path's ``(1-m)*rv + m*(var*(M/(M-1)))``.
+    """
     c = cuda.grid(1)
     if c < running_mean.shape[0]:
-        unbiased = var[c] * m_len / (m_len - 1)
+        unbiased = var[c] * correction
         running_mean[c] = (1.0 - momentum) * float(running_mean[c]) + momentum * mean[c]
         running_var[c] = (1.0 - momentum) * float(running_var[c]) + momentum * unbiased
 

@@ -13,10 +13,12 @@ Hooks for the Python layer (``fastbn/_dispatch.py``)
 Backend duties (same as every backend):
 
 ``NAME``, ``is_available()``, ``unavailable_reason()``, ``kernels(layout, *, launch=None)``
-    The kernel table. Every array argument must already be a device array (numba
-    ``DeviceNDArray`` or any ``__cuda_array_interface__`` object); a NumPy array raises
-    ``TypeError`` (numba would otherwise copy it to the device and back behind your back).
-    ``nthreads`` is accepted and ignored. Launches are asynchronous on the default stream.
+    The kernel table. Device arrays (numba ``DeviceNDArray`` or any
+    ``__cuda_array_interface__`` object) are used in place, with no transfer, and the
+    launches are asynchronous on the default stream. A NumPy argument is staged: copied to
+    the device (outputs only allocated there) and, when it is an output, copied back after
+    the launch (synchronizing). So NumPy callers need nothing special, and device callers
+    never pay a host round trip. ``nthreads`` is accepted and ignored.
 
 Device-array duties (only backends with their own memory have them; ``DEVICE = True``):
 
@@ -46,6 +48,7 @@ Device-array duties (only backends with their own memory have them; ``DEVICE = T
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 import sys
@@ -316,12 +319,11 @@ class _Table:
 
     def stats(self, x: Any, mean: Any, var: Any, nthreads: int = 1) -> None:
         """Per-channel mean and population variance of ``x``."""
-        _require_device(x, mean, var)
         cfg = self._cfg()
         part, nchunks, m_len = self._reduce(self.k._STATS, x, x, mean, cfg)
-        self.k.finalize_stats[
-            _grid_1d(mean.shape[0], cfg), self._finalize_block(nchunks, cfg)
-        ](part, nchunks, m_len, 0.0, mean, mean, var, mean, mean, False)
+        self.k.finalize_stats[_grid_1d(mean.shape[0], cfg), self._finalize_block(nchunks, cfg)](
+            part, nchunks, m_len, 0.0, mean, mean, var, mean, mean, False
+        )
 
     def train_forward(
         self,
@@ -336,13 +338,12 @@ class _Table:
         nthreads: int = 1,
     ) -> None:
         """Batch statistics, ``invstd`` and ``y = (x - mean) * (weight*invstd) + bias``."""
-        _require_device(x, weight, bias, y, mean, var, invstd)
         cfg = self._cfg()
         part, nchunks, m_len = self._reduce(self.k._STATS, x, x, mean, cfg)
         scale = self.cuda.device_array(mean.shape[0], dtype=np.float64)
-        self.k.finalize_stats[
-            _grid_1d(mean.shape[0], cfg), self._finalize_block(nchunks, cfg)
-        ](part, nchunks, m_len, float(eps), weight, mean, var, invstd, scale, True)
+        self.k.finalize_stats[_grid_1d(mean.shape[0], cfg), self._finalize_block(nchunks, cfg)](
+            part, nchunks, m_len, float(eps), weight, mean, var, invstd, scale, True
+        )
         self._elementwise(
             self.k.normalize_nchw, self.k.normalize_nhwc, x, cfg, x, mean, scale, bias, y
         )
@@ -351,7 +352,6 @@ class _Table:
         self, x: Any, mean: Any, scale: Any, bias: Any, y: Any, nthreads: int = 1
     ) -> None:
         """``y = (x - mean) * scale + bias``."""
-        _require_device(x, mean, scale, bias, y)
         self._elementwise(
             self.k.normalize_nchw, self.k.normalize_nhwc, x, self._cfg(), x, mean, scale, bias, y
         )
@@ -368,7 +368,6 @@ class _Table:
         self, dy: Any, x: Any, mean: Any, sum_dy: Any, sum_dy_xmu: Any, nthreads: int = 1
     ) -> None:
         """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))``."""
-        _require_device(dy, x, mean, sum_dy, sum_dy_xmu)
         self._sums(dy, x, mean, mean, mean, sum_dy, sum_dy_xmu, self._cfg(), False)
 
     def backward_train(
@@ -384,19 +383,55 @@ class _Table:
         nthreads: int = 1,
     ) -> None:
         """The backward sums, then ``dx`` of a training-mode forward."""
-        _require_device(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu)
         cfg = self._cfg()
         coef = self._sums(dy, x, mean, weight, invstd, sum_dy, sum_dy_xmu, cfg, True)
         self._elementwise(self.k.dx_nchw, self.k.dx_nhwc, x, cfg, dy, x, mean, coef, dx)
 
     def as_dict(self) -> dict[str, Callable[..., None]]:
         return {
-            "stats": self.stats,
-            "train_forward": self.train_forward,
-            "normalize": self.normalize,
-            "backward_reduce": self.backward_reduce,
-            "backward_train": self.backward_train,
+            "stats": _staged(self.stats, (1, 2)),
+            "train_forward": _staged(self.train_forward, (4, 5, 6, 7)),
+            "normalize": _staged(self.normalize, (4,)),
+            "backward_reduce": _staged(self.backward_reduce, (3, 4)),
+            "backward_train": _staged(self.backward_train, (5, 6, 7)),
         }
+
+
+def _staged(fn: Callable[..., None], outputs: tuple[int, ...]) -> Callable[..., None]:
+    """Wrap a device kernel so that NumPy arguments are staged through the device.
+
+    Device arrays are passed as they are (no copy). Each NumPy array is copied to the
+    device once (or only allocated there when it is used only as an output), and the
+    arguments at the ``outputs`` positions that were NumPy arrays are copied back into
+    them after the launch (which synchronizes). Aliases (``y is x``) share one buffer.
+    """
+
+    @functools.wraps(fn)
+    def run(*args: Any) -> None:
+        if not any(isinstance(a, np.ndarray) for a in args):
+            fn(*args)
+            return
+        dev = list(args)
+        staged: dict[int, Any] = {}
+        back = []
+        for i, a in enumerate(args):
+            if not isinstance(a, np.ndarray):
+                continue
+            d = staged.get(id(a))
+            if d is None:
+                uses = [j for j, b in enumerate(args) if b is a]
+                written = any(j in outputs for j in uses)
+                read = any(j not in outputs for j in uses)
+                d = to_device(a) if read else empty(a.shape, a.dtype)
+                staged[id(a)] = d
+                if written:
+                    back.append((d, a))
+            dev[i] = d
+        fn(*dev)
+        for d, a in back:
+            d.copy_to_host(a)
+
+    return run
 
 
 def kernels(layout: str, *, launch: LaunchConfig | None = None) -> dict[str, Callable[..., None]]:
@@ -595,7 +630,8 @@ def update_running(
     Parameters
     ----------
     running_mean, running_var : numba device arrays
-        ``(C,)`` running statistics (float32 or float64), updated in place.
+        ``(C,)`` running statistics (float32 or float64), updated in place. The arithmetic
+        is the CPU path's: ``(1-momentum)*r + momentum*(var*(m/(m-1)))`` in float64.
     mean, var : numba device arrays
         ``(C,)`` float64 batch mean and population variance.
     momentum : float
@@ -608,7 +644,7 @@ def update_running(
     cfg = default_launch()
     threads = min(cfg.threads, 128)
     _k().update_running[max(1, -(-nc // threads)), threads](
-        running_mean, running_var, mean, var, float(momentum), int(m)
+        running_mean, running_var, mean, var, float(momentum), m / (m - 1)
     )
 
 
