@@ -510,3 +510,19 @@ def copy_1d(src, dst):
     while i < src.shape[0]:
         dst[i] = src[i]
         i += step
+
+
+@cuda.jit
+def channel_math(op, a, b, eps, out):
+    """Per-channel maths in float64: ``op`` 0: ``a*b``; 1: ``1/sqrt(a+eps)``;
+    2: ``b/sqrt(a+eps)`` (the same expressions as the Python layer's NumPy code)."""
+    i = cuda.grid(1)
+    step = cuda.gridsize(1)
+    while i < out.shape[0]:
+        if op == 0:
+            out[i] = float(a[i]) * float(b[i])
+        elif op == 1:
+            out[i] = 1.0 / math.sqrt(float(a[i]) + eps)
+        else:
+            out[i] = float(b[i]) / math.sqrt(float(a[i]) + eps)
+        i += step

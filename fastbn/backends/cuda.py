@@ -40,6 +40,13 @@ Device-array duties (only backends with their own memory have them; ``DEVICE = T
     ``running_var = (1-momentum)*running_var + momentum*var*m/(m-1)``.
 ``synchronize()``
     Wait for every kernel launched so far.
+``array_ops() -> DeviceOps``
+    The Python layer's array operations (allocation, transfers, per-channel maths,
+    running-statistics update) on the device: ``fastbn._dispatch`` uses it instead of
+    NumPy whenever the data of a call lives on the GPU, and a ``BatchNorm`` layer created
+    with ``backend="cuda"`` keeps its parameters and running statistics with it.
+``describe()``
+    Device and launch configuration, for ``fastbn.show_config()``.
 ``LaunchConfig`` / ``default_launch()``
     Block and grid sizes, derived from the current device (``MAX_THREADS_PER_BLOCK``,
     ``MAX_THREADS_PER_MULTIPROCESSOR``, ``MULTIPROCESSOR_COUNT``); small under the
@@ -62,10 +69,13 @@ import numpy as np
 __all__ = [
     "DEVICE",
     "NAME",
+    "DeviceOps",
     "LaunchConfig",
+    "array_ops",
     "as_device",
     "copy_into",
     "default_launch",
+    "describe",
     "empty",
     "full",
     "is_available",
@@ -651,3 +661,131 @@ def update_running(
 def synchronize() -> None:
     """Block until every kernel launched so far has finished."""
     _cuda().synchronize()
+
+
+def _c_contiguous(a: Any) -> bool:
+    flags = a.flags
+    return bool(flags["C_CONTIGUOUS"] if isinstance(flags, dict) else flags.c_contiguous)
+
+
+class DeviceOps:
+    """The array operations the Python layer needs, on the device (``array_ops()``).
+
+    ``fastbn._dispatch`` uses this object instead of NumPy for every allocation and
+    per-channel computation when the data lives on the GPU, so that nothing is copied to
+    the host. Per-channel arguments may be NumPy arrays (they are copied to the device);
+    every result is a device array.
+    """
+
+    device = True
+
+    def owns(self, a: Any) -> bool:
+        """Whether ``a`` is a device array."""
+        return is_device_array(a)
+
+    def asarray(self, a: Any, name: str) -> Any:
+        """``a`` as a device array: device objects as they are, host arrays copied over."""
+        if is_device_array(a):
+            return as_device(a)
+        if isinstance(a, np.ndarray) or hasattr(a, "__array__"):
+            return to_device(np.asarray(a))
+        raise TypeError(f"{name} must be an array, got {type(a).__name__}")
+
+    def c_contiguous(self, a: Any) -> bool:
+        """Whether the device array ``a`` is C-contiguous."""
+        return _c_contiguous(a)
+
+    def writable(self, a: Any) -> bool:
+        """Whether ``a`` can be updated in place on the device (device arrays only)."""
+        return is_device_array(a)
+
+    def from_host(self, a: np.ndarray) -> Any:
+        """Copy a host array to the device."""
+        return to_device(a)
+
+    def to_host(self, a: Any) -> np.ndarray:
+        """Copy a device array to a new host array."""
+        return to_host(a)
+
+    def empty(self, shape: int | tuple[int, ...], dtype: Any) -> Any:
+        """An uninitialized device array."""
+        return empty(shape, dtype)
+
+    def full(self, n: int, value: float, dtype: Any = np.float64) -> Any:
+        """A ``(n,)`` device array filled with ``value``."""
+        return full(n, value, dtype)
+
+    def astype(self, v: Any, dtype: Any) -> Any:
+        """A new 1-D device array with ``v``'s values converted to ``dtype``."""
+        v = self.asarray(v, "array")
+        out = empty(v.shape, dtype)
+        copy_into(v, out)
+        return out
+
+    def f64(self, v: Any) -> Any:
+        """``v`` as a C-contiguous float64 device array (``v`` itself when it is one)."""
+        v = self.asarray(v, "array")
+        if v.dtype == np.float64 and _c_contiguous(v):
+            return v
+        return self.astype(v, np.float64)
+
+    def _math(self, op: int, a: Any, b: Any, eps: float) -> Any:
+        a = self.asarray(a, "array")
+        b = self.asarray(b, "array")
+        out = empty(a.shape[0], np.float64)
+        cfg = default_launch()
+        n = max(1, a.shape[0])
+        _k().channel_math[_grid_1d(-(-n // cfg.threads), cfg), cfg.threads](
+            op, a, b, float(eps), out
+        )
+        return out
+
+    def mul(self, a: Any, b: Any) -> Any:
+        """``a * b`` in float64."""
+        return self._math(0, a, b, 0.0)
+
+    def invstd(self, var: Any, eps: float) -> Any:
+        """``1 / sqrt(var + eps)`` in float64."""
+        return self._math(1, var, var, eps)
+
+    def div_sqrt(self, w: Any, var: Any, eps: float) -> Any:
+        """``w / sqrt(var + eps)`` in float64."""
+        return self._math(2, var, w, eps)
+
+    def update_running(
+        self, running_mean: Any, running_var: Any, mean: Any, var: Any, count: int, momentum: float
+    ) -> None:
+        """In-place running-statistics update (see :func:`update_running`)."""
+        update_running(running_mean, running_var, self.f64(mean), self.f64(var), momentum, count)
+
+
+_DEVICE_OPS = DeviceOps()
+
+
+def array_ops() -> DeviceOps:
+    """Return the device implementation of the Python layer's array operations.
+
+    Returns
+    -------
+    DeviceOps
+        Allocation, transfers and per-channel maths on the device.
+    """
+    return _DEVICE_OPS
+
+
+def describe() -> dict[str, str]:
+    """Facts for ``fastbn.show_config()``: device (or simulator) and launch configuration.
+
+    Returns
+    -------
+    dict
+        ``device`` and ``launch`` descriptions.
+    """
+    if simulator_enabled():
+        device = "numba CUDA simulator (CPU)"
+    else:
+        dev = _cuda().get_current_device()
+        name = dev.name.decode() if isinstance(dev.name, bytes) else str(dev.name)
+        device = f"{name} (compute capability {dev.compute_capability})"
+    cfg = default_launch()
+    return {"device": device, "launch": f"{cfg.threads} threads/block, <= {cfg.blocks} blocks"}
