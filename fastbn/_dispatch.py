@@ -120,7 +120,13 @@ def as_array(a: Any, name: str) -> np.ndarray:
         or hasattr(a, "__array__")
     ):
         return np.asarray(a)
-    raise TypeError(f"{name} must be a NumPy array (or array-like object), got {type(a).__name__}")
+    try:  # the buffer protocol (memoryview, array.array, ...): NumPy views it without a copy
+        memoryview(a)
+    except TypeError:
+        raise TypeError(
+            f"{name} must be a NumPy array (or array-like object), got {type(a).__name__}"
+        ) from None
+    return np.asarray(a)
 
 
 def check_layout(layout: object) -> str:
