@@ -595,15 +595,14 @@ def resolve_impls(requested: Sequence[str] | None, notes: list[str]) -> list[str
 
 
 def _backend_unavailable_reason(name: str) -> str:
-    """Ask fastbn why a backend is missing, if it can tell."""
+    """Ask fastbn why a backend is missing (its ``BackendUnavailableError`` message)."""
     try:
-        module = importlib.import_module(f"fastbn.backends.{name}")
-        reason = getattr(module, "unavailable_reason", None)
-        if callable(reason):
-            return str(reason())
-    except Exception:  # any failure means "not available"
-        pass
-    return "not built or not importable"
+        from fastbn.backends import get_backend
+
+        get_backend(name)
+    except Exception as exc:  # BackendUnavailableError, or anything a broken build raises
+        return str(exc)
+    return "available"
 
 
 def parse_args(argv: Sequence[str] | None = None) -> Config:
@@ -1267,6 +1266,12 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
         f"({l2 // 1024} KiB) need only 2/2/3/5 from memory (passes_min)"
     )
 
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None:
+        notes.append(
+            f"load average at start {load[0]:.2f} on {available_cpus()} CPUs (other processes "
+            "slow multi-threaded timings; see machine.loadavg for the end of the run)"
+        )
     plan = _plan(config)
     total = sum(len(pairs) * (config.warmup + config.repeat) for _, _, pairs in plan)
     results: list[dict[str, Any]] = []
