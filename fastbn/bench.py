@@ -115,6 +115,7 @@ __all__ = [
     "make_data",
     "measure_copy_bandwidth",
     "parse_args",
+    "peak_extra_bytes",
     "run",
 ]
 
@@ -412,8 +413,8 @@ class Config:
     threads: list[int] = field(default_factory=lambda: [available_cpus()])
     impls: list[str] = field(default_factory=list)
     modes: list[str] = field(default_factory=lambda: list(MODES))
-    repeat: int = 10
-    warmup: int = 2
+    repeat: int = 7
+    warmup: int = 1
     pause: float = 0.005
     json_path: str | None = None
     plot_path: str | None = None
@@ -497,16 +498,16 @@ def build_parser() -> argparse.ArgumentParser:
         "(default: both)",
     )
     parser.add_argument(
-        "--repeat", type=_positive_int, default=None, help="timed rounds (default: 10)"
+        "--repeat", type=_positive_int, default=None, help="timed rounds (default: 7)"
     )
     parser.add_argument(
         "--warmup",
         type=_nonnegative_int,
         default=None,
-        help="untimed calls per implementation first (default: 2)",
+        help="untimed calls per implementation first (default: 1)",
     )
     parser.add_argument(
-        "--quick", action="store_true", help="3 rounds and 1 warm-up call (unless given)"
+        "--quick", action="store_true", help="3 timed rounds instead of 7 (unless --repeat)"
     )
     parser.add_argument(
         "--pause",
@@ -625,8 +626,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         impls = resolve_impls(ns.backend, notes)
     except ValueError as exc:
         parser.error(str(exc))
-    repeat = ns.repeat if ns.repeat is not None else (3 if ns.quick else 10)
-    warmup = ns.warmup if ns.warmup is not None else (1 if ns.quick else 2)
+    repeat = ns.repeat if ns.repeat is not None else (3 if ns.quick else 7)
+    warmup = ns.warmup if ns.warmup is not None else 1
     if ns.pause < 0:
         parser.error("--pause must be >= 0")
     if ns.plot_path is not None and not ns.plot_path.lower().endswith(".png"):
@@ -1135,18 +1136,36 @@ def _output_bytes(case: Case) -> int:
     return case.nbytes * (2 if case.op == "fwdbwd" else 1)
 
 
-def _peak_extra(entry: Entry, case: Case) -> int:
-    """Peak traced allocation of one call beyond the outputs it must allocate."""
+def peak_extra_bytes(func: Callable[[], object], case: Case, mode: str) -> int:
+    """Peak memory one call allocates beyond the outputs it must return (tracemalloc).
+
+    Parameters
+    ----------
+    func : callable
+        The operation, e.g. from :func:`make_callable`.
+    case : Case
+        Its case; a fresh-mode call is allowed its outputs (``y``; ``dx``; both for
+        ``fwdbwd``).
+    mode : {"fresh", "out"}
+        How `func` gets its outputs.
+
+    Returns
+    -------
+    int
+        Peak traced bytes minus the allowed outputs (0 at least). tracemalloc sees
+        Python's and NumPy's allocations, not a compiled runtime's own (numba NRT, OpenMP,
+        PyTorch, ONNX Runtime).
+    """
     tracemalloc.start()
     try:
         tracemalloc.reset_peak()
         base, _ = tracemalloc.get_traced_memory()
-        result = entry.func()
+        result = func()
         _, peak = tracemalloc.get_traced_memory()
         del result
     finally:
         tracemalloc.stop()
-    outputs = _output_bytes(case) if entry.mode == "fresh" else 0
+    outputs = _output_bytes(case) if mode == "fresh" else 0
     return max(int(peak - base - outputs), 0)
 
 
@@ -1317,8 +1336,9 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                 if config.memory:
                     for entry in entries:
                         if impl_kind(entry.impl) != "peer":
-                            entry.peak_extra = _peak_extra(entry, case)
+                            entry.peak_extra = peak_extra_bytes(entry.func, case, entry.mode)
             results.extend(_rows(case, n, entries, copy[n], l2))
+            del entries  # their closures hold the arrays: free them before the next shape
         data = None
     _add_ratios(results)
     report: dict[str, Any] = {
