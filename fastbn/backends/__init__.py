@@ -2,12 +2,14 @@
 
 A backend is one module of this package that fills the kernel table described in
 ``CONTRACT.md``. Modules are imported only when first asked for, so importing fastbn
-neither imports numba nor touches a GPU.
+neither imports numba nor touches a GPU; what was found is remembered for the life of
+the process (a failed import is slow, and the answer does not change).
 """
 
 from __future__ import annotations
 
 import importlib
+from functools import cache
 from types import ModuleType
 
 __all__ = [
@@ -30,6 +32,7 @@ class BackendUnavailableError(RuntimeError):
     """A backend that fastbn knows cannot be used in this process."""
 
 
+@cache
 def _module(name: str) -> ModuleType | None:
     try:
         return importlib.import_module(BACKENDS[name], __name__)
@@ -37,6 +40,7 @@ def _module(name: str) -> ModuleType | None:
         return None
 
 
+@cache
 def _usable(name: str) -> ModuleType | None:
     module = _module(name)
     return module if module is not None and module.is_available() else None

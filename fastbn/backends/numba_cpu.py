@@ -97,13 +97,90 @@ def _cache_enabled() -> bool:
 
 @cache
 def _compiled() -> dict[str, Callable]:
-    """Define and return the jitted functions (numba is imported on first use only)."""
+    """Define and return the jitted functions (numba is imported on first use only).
+
+    The innermost loops are small serial functions over one contiguous row: each is
+    compiled and vectorized on its own, so what LLVM makes of it does not depend on the
+    loop nest around it (inlined into a large parallel body, it sometimes picked gathers).
+    """
     from numba import njit, prange
 
     use_cache = _cache_enabled()
     inline = njit(inline="always", fastmath=_FASTMATH, nogil=True)
     parallel = njit(parallel=True, nogil=True, fastmath=_FASTMATH, cache=use_cache)
     serial = njit(nogil=True, fastmath=_FASTMATH, cache=use_cache)
+
+    # ------------------------------------------------------------ row primitives
+
+    @serial
+    def row_sum(xr):
+        total = 0.0
+        for i in range(xr.shape[0]):
+            total += xr[i]
+        return total
+
+    @serial
+    def row_deviations(xr, m):
+        """(sum(x - m), sum((x - m)**2)) in float64."""
+        sd = 0.0
+        sq = 0.0
+        for i in range(xr.shape[0]):
+            dev = xr[i] - m
+            sd += dev
+            sq += dev * dev
+        return sd, sq
+
+    @serial
+    def row_normalize(xr, m, scale, b, yr):
+        for i in range(xr.shape[0]):
+            yr[i] = (xr[i] - m) * scale + b
+
+    @serial
+    def row_grad_sums(dr, xr, mu):
+        """(sum(dy), sum(dy * (x - mu))) in float64."""
+        sdy = 0.0
+        sdyx = 0.0
+        for i in range(xr.shape[0]):
+            g = dr[i] * 1.0
+            sdy += g
+            sdyx += g * (xr[i] - mu)
+        return sdy, sdyx
+
+    @serial
+    def row_dx(dr, xr, mu, k, shift, proj, outr):
+        for i in range(xr.shape[0]):
+            outr[i] = k * (dr[i] - shift - (xr[i] - mu) * proj)
+
+    @serial
+    def cols_add(xr, acc):
+        for j in range(xr.shape[0]):
+            acc[j] += xr[j]
+
+    @serial
+    def cols_deviations(xr, m, sd, sq):
+        for j in range(xr.shape[0]):
+            dev = xr[j] - m[j]
+            sd[j] += dev
+            sq[j] += dev * dev
+
+    @serial
+    def cols_normalize(xr, mean, scale, bias, yr):
+        for j in range(xr.shape[0]):
+            yr[j] = (xr[j] - mean[j]) * scale[j] + bias[j]
+
+    @serial
+    def cols_grad_sums(dr, xr, mean, a, b):
+        for j in range(xr.shape[0]):
+            g = dr[j] * 1.0
+            a[j] += g
+            b[j] += g * (xr[j] - mean[j])
+
+    @serial
+    def cols_dx(dr, xr, mean, k, shift, proj, outr):
+        for j in range(xr.shape[0]):
+            outr[j] = k[j] * (dr[j] - shift[j] - (xr[j] - mean[j]) * proj[j])
+
+    # ------------------------------------------------------------ grid and merging
 
     @inline
     def merge(na, ma, m2a, nb, mb, m2b):
@@ -127,64 +204,46 @@ def _compiled() -> dict[str, Callable]:
         return rows, (n_rows + rows - 1) // rows, s, 1
 
     @inline
-    def nchw_chunk(k, n_rows, s, rows, piece, pieces):
-        """Bounds (n0, n1, s0, s1) of chunk k of a channel."""
-        rb = k // pieces
-        sp = k - rb * pieces
-        n0 = rb * rows
-        s0 = sp * piece
-        return n0, min(n_rows, n0 + rows), s0, min(s, s0 + piece)
-
-    @inline
-    def nchw_chunk_stats(x, c, n0, n1, s0, s1):
-        """(count, mean, M2) of x[n0:n1, c, s0:s1], two passes over the cached chunk."""
-        cnt = float((n1 - n0) * (s1 - s0))
-        total = 0.0
-        for n in range(n0, n1):
-            row = x[n, c, s0:s1]
-            for i in range(row.shape[0]):
-                total += row[i]
-        m = total / cnt
-        sd = 0.0
-        sq = 0.0
-        for n in range(n0, n1):
-            row = x[n, c, s0:s1]
-            for i in range(row.shape[0]):
-                d = row[i] - m
-                sd += d
-                sq += d * d
-        return cnt, m, sq - sd * sd / cnt
-
-    @inline
     def nchw_fold(x, c, k0, k1, n_rows, s, rows, piece, pieces):
-        """Fold chunks k0..k1 of channel c into one (count, mean, M2) partial, in order."""
+        """Fold chunks k0..k1 of channel c into one (count, mean, M2) partial, in order.
+
+        Chunk k covers rows n0..n1 and columns s0..s1 of the channel; its partial comes
+        from two passes over the (cached) chunk: the mean, then the squared deviations
+        with the ``(sum d)**2 / n`` correction.
+        """
         cnt = 0.0
         m = 0.0
         m2 = 0.0
         for k in range(k0, k1):
-            n0, n1, s0, s1 = nchw_chunk(k, n_rows, s, rows, piece, pieces)
-            cb, mb, m2b = nchw_chunk_stats(x, c, n0, n1, s0, s1)
-            cnt, m, m2 = merge(cnt, m, m2, cb, mb, m2b)
+            rb = k // pieces
+            n0 = rb * rows
+            n1 = min(n_rows, n0 + rows)
+            s0 = (k - rb * pieces) * piece
+            s1 = min(s, s0 + piece)
+            nb = float((n1 - n0) * (s1 - s0))
+            total = 0.0
+            for n in range(n0, n1):
+                total += row_sum(x[n, c, s0:s1])
+            mb = total / nb
+            sd = 0.0
+            sq = 0.0
+            for n in range(n0, n1):
+                d1, d2 = row_deviations(x[n, c, s0:s1], mb)
+                sd += d1
+                sq += d2
+            cnt, m, m2 = merge(cnt, m, m2, nb, mb, sq - sd * sd / nb)
         return cnt, m, m2
 
     @inline
-    def nchw_sums(dy, x, c, mu, n0, n1):
+    def nchw_grad_sums(dy, x, c, mu, n0, n1):
         """sum(dy) and sum(dy*(x-mu)) over rows n0..n1 of channel c."""
         sdy = 0.0
         sdyx = 0.0
         for n in range(n0, n1):
-            dr = dy[n, c]
-            xr = x[n, c]
-            for i in range(xr.shape[0]):
-                g = dr[i] * 1.0
-                sdy += g
-                sdyx += g * (xr[i] - mu)
+            a, b = row_grad_sums(dy[n, c], x[n, c], mu)
+            sdy += a
+            sdyx += b
         return sdy, sdyx
-
-    @inline
-    def nchw_rows_per_block(n_rows, s):
-        """Rows per block of the backward sums (whole rows, about CHUNK values)."""
-        return max(1, min(n_rows, CHUNK // max(s, 1)))
 
     # ---------------------------------------------------------------- nchw
 
@@ -237,73 +296,45 @@ def _compiled() -> dict[str, Callable]:
             var[c] = v
             invstd[c] = inv
             scale = weight[c] * inv
-            b = bias[c]
             for n in range(n_rows):
-                xr = x[n, c]
-                yr = y[n, c]
-                for i in range(s):
-                    yr[i] = (xr[i] - m) * scale + b
+                row_normalize(x[n, c], m, scale, bias[c], y[n, c])
 
     @parallel
     def nchw_normalize(x, mean, scale, bias, y):
-        n_rows, n_ch, s = x.shape
+        n_rows, n_ch, _ = x.shape
         for u in prange(n_rows * n_ch):
             n = u // n_ch
             c = u - n * n_ch
-            m = mean[c]
-            sc = scale[c]
-            b = bias[c]
-            xr = x[n, c]
-            yr = y[n, c]
-            for i in range(s):
-                yr[i] = (xr[i] - m) * sc + b
+            row_normalize(x[n, c], mean[c], scale[c], bias[c], y[n, c])
 
     @parallel
     def nchw_backward_reduce_channels(dy, x, mean, sum_dy, sum_dy_xmu):
-        n_rows, n_ch, s = x.shape
-        rows = nchw_rows_per_block(n_rows, s)
+        n_rows, n_ch, _ = x.shape
         for c in prange(n_ch):
-            a = 0.0
-            b = 0.0
-            for n0 in range(0, n_rows, rows):
-                sa, sb = nchw_sums(dy, x, c, mean[c], n0, min(n_rows, n0 + rows))
-                a += sa
-                b += sb
+            a, b = nchw_grad_sums(dy, x, c, mean[c], 0, n_rows)
             sum_dy[c] = a
             sum_dy_xmu[c] = b
 
     @parallel
     def nchw_backward_reduce_stripes(dy, x, mean, stripes, part):
-        """part[:, p, c] = (sum dy, sum dy*(x-mean)) of stripe p (a range of row blocks)."""
-        n_rows, n_ch, s = x.shape
-        rows = nchw_rows_per_block(n_rows, s)
-        nblocks = (n_rows + rows - 1) // rows
+        """part[:, p, c] = (sum dy, sum dy*(x-mean)) of stripe p (a range of rows)."""
+        n_rows, n_ch, _ = x.shape
         for u in prange(n_ch * stripes):
             c = u // stripes
             p = u - c * stripes
-            a = 0.0
-            b = 0.0
-            for k in range(p * nblocks // stripes, (p + 1) * nblocks // stripes):
-                n0 = k * rows
-                sa, sb = nchw_sums(dy, x, c, mean[c], n0, min(n_rows, n0 + rows))
-                a += sa
-                b += sb
+            a, b = nchw_grad_sums(
+                dy, x, c, mean[c], p * n_rows // stripes, (p + 1) * n_rows // stripes
+            )
             part[0, p, c] = a
             part[1, p, c] = b
 
     @parallel
     def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
         n_rows, n_ch, s = x.shape
-        rows = nchw_rows_per_block(n_rows, s)
         count = float(n_rows * s)
         for c in prange(n_ch):
             mu = mean[c]
-            a = 0.0
-            b = 0.0
-            for n0 in range(0, n_rows, rows):
-                sa, sb = nchw_sums(dy, x, c, mu, n0, min(n_rows, n0 + rows))
-                a += sa
-                b += sb
+            a, b = nchw_grad_sums(dy, x, c, mu, 0, n_rows)
             sum_dy[c] = a
             sum_dy_xmu[c] = b
             inv = invstd[c]
@@ -311,28 +342,16 @@ def _compiled() -> dict[str, Callable]:
             shift = a / count
             proj = inv * inv * b / count
             for n in range(n_rows):
-                dr = dy[n, c]
-                xr = x[n, c]
-                outr = dx[n, c]
-                for i in range(s):
-                    outr[i] = k * (dr[i] - shift - (xr[i] - mu) * proj)
+                row_dx(dy[n, c], x[n, c], mu, k, shift, proj, dx[n, c])
 
     @parallel
     def nchw_dx(dy, x, mean, k, shift, proj, dx):
         """dx = k*(dy - shift - (x - mean)*proj) per channel."""
-        n_rows, n_ch, s = x.shape
+        n_rows, n_ch, _ = x.shape
         for u in prange(n_rows * n_ch):
             n = u // n_ch
             c = u - n * n_ch
-            mu = mean[c]
-            kc = k[c]
-            sh = shift[c]
-            pr = proj[c]
-            dr = dy[n, c]
-            xr = x[n, c]
-            outr = dx[n, c]
-            for i in range(s):
-                outr[i] = kc * (dr[i] - sh - (xr[i] - mu) * pr)
+            row_dx(dy[n, c], x[n, c], mean[c], k[c], shift[c], proj[c], dx[n, c])
 
     # ---------------------------------------------------------------- nhwc
 
@@ -356,19 +375,12 @@ def _compiled() -> dict[str, Callable]:
                 nb = float(r1 - r0)
                 mb[:] = 0.0
                 for r in range(r0, r1):
-                    xr = x[r]
-                    for j in range(n_ch):
-                        mb[j] += xr[j]
-                for j in range(n_ch):
-                    mb[j] /= nb
-                    sd[j] = 0.0
-                    sq[j] = 0.0
+                    cols_add(x[r], mb)
+                mb /= nb
+                sd[:] = 0.0
+                sq[:] = 0.0
                 for r in range(r0, r1):
-                    xr = x[r]
-                    for j in range(n_ch):
-                        d = xr[j] - mb[j]
-                        sd[j] += d
-                        sq[j] += d * d
+                    cols_deviations(x[r], mb, sd, sq)
                 n = cnt + nb
                 f = nb / n
                 g = cnt * f
@@ -394,36 +406,23 @@ def _compiled() -> dict[str, Callable]:
                 mean[j] += delta * f
                 var[j] += m2s[p, j] + delta * delta * g
             cnt = n
-        for j in range(mean.shape[0]):
-            var[j] /= cnt
+        var /= cnt
 
     @parallel
     def nhwc_normalize(x, mean, scale, bias, y):
-        n_rows, n_ch = x.shape
-        for r in prange(n_rows):
-            xr = x[r]
-            yr = y[r]
-            for j in range(n_ch):
-                yr[j] = (xr[j] - mean[j]) * scale[j] + bias[j]
+        for r in prange(x.shape[0]):
+            cols_normalize(x[r], mean, scale, bias, y[r])
 
     @parallel
-    def nhwc_backward_reduce_stripes(dy, x, mean, rows, stripes, sums_dy, sums_dy_xmu):
-        n_rows, n_ch = x.shape
-        nchunks = (n_rows + rows - 1) // rows
+    def nhwc_backward_reduce_stripes(dy, x, mean, stripes, sums_dy, sums_dy_xmu):
+        n_rows = x.shape[0]
         for p in prange(stripes):
             a = sums_dy[p]
             b = sums_dy_xmu[p]
             a[:] = 0.0
             b[:] = 0.0
-            r0 = (p * nchunks // stripes) * rows
-            r1 = min(n_rows, ((p + 1) * nchunks // stripes) * rows)
-            for r in range(r0, r1):
-                dr = dy[r]
-                xr = x[r]
-                for j in range(n_ch):
-                    g = dr[j] * 1.0
-                    a[j] += g
-                    b[j] += g * (xr[j] - mean[j])
+            for r in range(p * n_rows // stripes, (p + 1) * n_rows // stripes):
+                cols_grad_sums(dy[r], x[r], mean, a, b)
 
     @serial
     def add_rows(parts, out):
@@ -435,13 +434,8 @@ def _compiled() -> dict[str, Callable]:
 
     @parallel
     def nhwc_dx(dy, x, mean, k, shift, proj, dx):
-        n_rows, n_ch = x.shape
-        for r in prange(n_rows):
-            dr = dy[r]
-            xr = x[r]
-            outr = dx[r]
-            for j in range(n_ch):
-                outr[j] = k[j] * (dr[j] - shift[j] - (xr[j] - mean[j]) * proj[j])
+        for r in prange(x.shape[0]):
+            cols_dx(dy[r], x[r], mean, k, shift, proj, dx[r])
 
     return {name: fn for name, fn in locals().items() if hasattr(fn, "py_func")}
 
@@ -545,8 +539,7 @@ def _nchw_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads):
     if _per_channel_path(x):
         _run(k["nchw_backward_reduce_channels"], nthreads, dy, x, mean, sum_dy, sum_dy_xmu)
         return
-    rows = max(1, min(x.shape[0], CHUNK // x.shape[2]))
-    stripes = _stripes(-(-x.shape[0] // rows))
+    stripes = _stripes(x.shape[0])
     part = np.empty((2, stripes, x.shape[1]))
     _run(k["nchw_backward_reduce_stripes"], nthreads, dy, x, mean, stripes, part)
     k["add_rows"](part[0], sum_dy)
@@ -614,17 +607,7 @@ def _nhwc_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads):
     stripes = _stripes(-(-x.shape[0] // rows))
     sums_dy = np.empty((stripes, x.shape[1]))
     sums_dy_xmu = np.empty((stripes, x.shape[1]))
-    _run(
-        k["nhwc_backward_reduce_stripes"],
-        nthreads,
-        dy,
-        x,
-        mean,
-        rows,
-        stripes,
-        sums_dy,
-        sums_dy_xmu,
-    )
+    _run(k["nhwc_backward_reduce_stripes"], nthreads, dy, x, mean, stripes, sums_dy, sums_dy_xmu)
     k["add_rows"](sums_dy, sum_dy)
     k["add_rows"](sums_dy_xmu, sum_dy_xmu)
 
