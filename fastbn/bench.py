@@ -709,7 +709,7 @@ def _numba_copy() -> Callable[..., None] | None:
         except ImportError:
             return None
 
-        @numba.njit(parallel=True, nogil=True, cache=False)
+        @numba.njit(parallel=True, nogil=True, cache=True)
         def copy(src: np.ndarray, dst: np.ndarray) -> None:  # pragma: no cover - jitted
             n = src.size
             nchunks = 256
