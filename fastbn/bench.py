@@ -1709,7 +1709,7 @@ def write_plot(report: dict[str, Any], path: str) -> None:
     threads = max(report["config"]["threads"])
     rows = [r for r in report["results"] if r["threads"] == threads]
     ops = [op for op in report["config"]["ops"] if any(r["op"] == op for r in rows)]
-    fig = Figure(figsize=(12, 3.2 * max(len(ops), 1)), layout="constrained")
+    fig = Figure(figsize=(13, 3.2 * max(len(ops), 1)), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(max(len(ops), 1), 1, squeeze=False)[:, 0]
     for ax, op in zip(axes, ops, strict=False):
@@ -1738,7 +1738,7 @@ def write_plot(report: dict[str, Any], path: str) -> None:
         ax.set_xticklabels([f"{s}\n{layout}" for s, layout, _ in cases], fontsize=8)
         ax.set_ylabel("% of copy roofline")
         ax.set_title(f"{op} ({PASSES[op][0]} passes), {threads} thread(s)")
-        ax.legend(fontsize=7, ncol=4)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.savefig(path, dpi=100)
 
 
