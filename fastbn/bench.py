@@ -21,18 +21,25 @@ Measurement
 * Outputs allocated fresh by each call (``mode = "fresh"``) and outputs written into a
   preallocated, pre-faulted array (``mode = "out"``: fastbn's ``out=``, ONNX Runtime's
   I/O binding) are reported separately.
-* The copy roofline is measured in the same run, for every thread count: the best of
+* The copy roofline is timed *with every case*, interleaved like an implementation: a
+  parallel copy of the case's input into a preallocated array of the same size (NumPy
+  ``copyto``, one contiguous slice per thread from a thread pool; NumPy releases the GIL and
+  glibc ``memcpy`` runs). ``roofline`` is ``passes * t_copy / 2 / t``: the fraction of the
+  time a copy-speed kernel making the nominal passes would take. Interleaving makes it
+  robust on a shared, noisy machine. The run also measures the machine's copy bandwidth
+  once per thread count on a large array (``copy`` in the JSON; ``roofline_run`` uses it):
+  the best of
   (a) NumPy ``copyto`` of a large float32 array split in one contiguous slice per thread
   and run from a thread pool (NumPy releases the GIL; glibc ``memcpy``), and (b) a Numba
   ``prange`` copy loop. Bandwidth counts read + write bytes. The run also reports the
   bandwidth of copying into a freshly allocated array (page faults included).
 * Effective bandwidth is ``passes * nbytes / median`` with the *nominal* pass count of the
   operation (read or write of one whole tensor each): train 3, infer 2, backward 5,
-  fwdbwd 8. ``roofline`` is that bandwidth divided by the copy bandwidth at the same thread
-  count. An NCHW kernel that keeps each channel's slice (N x S values) in L2 needs fewer
-  passes from memory (train 2, backward 3, fwdbwd 5: ``passes_min`` in the JSON), so it may
-  exceed 100 %; the nominal count keeps the numbers comparable across layouts and matches
-  the targets of issue 4 (">= 120 % of the 3-pass roofline").
+  fwdbwd 8; the roofline fractions use the same count. An NCHW kernel that keeps each
+  channel's slice (N x S values) in L2 needs fewer passes from memory (train 2,
+  backward 3, fwdbwd 5: ``passes_min`` in the JSON), so it may exceed 100 %; the nominal
+  count keeps the numbers comparable across layouts and matches the targets of issue 4
+  (">= 120 % of the 3-pass roofline").
 * ``vs <peer>`` is ``time(peer) / time(row)``: above 1 the row is faster. A fastbn row is
   compared with the peer's row of the same mode when the peer has one, else with its fresh
   row. Every implementation runs with the same thread count: ``fastbn.num_threads(n)``,
@@ -69,7 +76,7 @@ JSON schema (``--json FILE``, ``"version": 1``)
 "results": [{"shape": [int], "array_shape": [int], "layout", "dtype", "op", "threads",
 "impl", "kind": "fastbn"|"baseline"|"peer", "mode": "fresh"|"out", "median_s", "min_s",
 "q1_s", "q3_s", "times_s": [float], "nbytes", "passes", "passes_min", "gbps",
-"roofline", "vs": {impl: ratio}, "thread_scaling": float or null,
+"copy_s", "roofline", "roofline_run", "vs": {impl: ratio}, "thread_scaling": float or null,
 "peak_extra_bytes": int or null, "note": str}],
 "cold_start": [{"impl", "shape", "layout", "import_s", "first_call_s", "second_call_s",
 "note"}]}``.
@@ -137,6 +144,8 @@ OPS: tuple[str, ...] = ("train", "infer", "backward", "fwdbwd")
 MODES: tuple[str, ...] = ("fresh", "out")
 DTYPES: tuple[str, ...] = ("float32", "float64")
 BASELINE = "numpy"
+#: The same-size parallel copy timed with every case (the roofline), never a result row.
+COPY = "copy"
 PEERS: tuple[str, ...] = ("torch", "onnxruntime")
 #: Nominal passes over the tensor, and the passes from memory when NCHW channel slices fit
 #: in L2 (statistics and normalization of a slice while it is cached).
@@ -1047,6 +1056,17 @@ def _ort_callable(case: Case, d: Data, mode: str, threads: int) -> Callable[[], 
     return lambda: session.run_with_iobinding(binding)
 
 
+def _copy_callable(d: Data, threads: int, pool: ThreadPoolExecutor) -> Callable[[], object]:
+    """Parallel copy of the case's input into its preallocated output (the roofline)."""
+    src = d.x.reshape(-1)
+    dst = d.y_out.reshape(-1)
+    n = src.size
+    bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+    if threads == 1:
+        return lambda: np.copyto(dst, src)
+    return lambda: list(pool.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))
+
+
 def impl_kind(impl: str) -> str:
     """``"fastbn"``, ``"baseline"`` (numpy) or ``"peer"``."""
     if impl == BASELINE:
@@ -1292,7 +1312,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             "slow multi-threaded timings; see machine.loadavg for the end of the run)"
         )
     plan = _plan(config)
-    total = sum(len(pairs) * (config.warmup + config.repeat) for _, _, pairs in plan)
+    total = sum((len(pairs) + 1) * (config.warmup + config.repeat) for _, _, pairs in plan)
     results: list[dict[str, Any]] = []
     copy: dict[int, dict[str, Any]] = {}
     progress = Progress(
@@ -1321,11 +1341,12 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                 data_key = key
             assert data is not None
             progress.update(task, description=f"{case.id} {n}t")
-            with thread_scope(config.impls, n):
+            with thread_scope(config.impls, n), ThreadPoolExecutor(n) as pool:
                 entries = [
                     Entry(impl, mode, make_callable(impl, case, data, mode, n))
                     for impl, mode in pairs
                 ]
+                entries.append(Entry(COPY, "out", _copy_callable(data, n, pool)))
                 time_entries(
                     entries,
                     config.repeat,
@@ -1335,7 +1356,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                 )
                 if config.memory:
                     for entry in entries:
-                        if impl_kind(entry.impl) != "peer":
+                        if impl_kind(entry.impl) in ("fastbn", "baseline"):
                             entry.peak_extra = peak_extra_bytes(entry.func, case, entry.mode)
             results.extend(_rows(case, n, entries, copy[n], l2))
             del entries  # their closures hold the arrays: free them before the next shape
@@ -1373,7 +1394,11 @@ def _rows(
 ) -> list[dict[str, Any]]:
     rows = []
     nominal, minimum = case.passes(l2)
+    copy_entry = next(e for e in entries if e.impl == COPY)
+    copy_s = statistics.median(copy_entry.times)
     for entry in entries:
+        if entry is copy_entry:
+            continue
         ts = sorted(entry.times)
         median = statistics.median(ts)
         q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
@@ -1403,7 +1428,9 @@ def _rows(
                 "passes": nominal,
                 "passes_min": minimum,
                 "gbps": gbps,
-                "roofline": gbps / copy["gbps"],
+                "copy_s": copy_s,
+                "roofline": nominal * copy_s / 2 / median,
+                "roofline_run": gbps / copy["gbps"],
                 "vs": {},
                 "thread_scaling": None,
                 "peak_extra_bytes": entry.peak_extra,
