@@ -1597,7 +1597,7 @@ def cold_start(config: Config) -> list[dict[str, Any]]:
                 row.update(json.loads(proc.stdout.strip().splitlines()[-1]))
                 row["note"] = note
                 if impl == "onnxruntime":
-                    row["note"] = "import includes building the session"
+                    row["note"] = "inference; import includes building the session"
             else:
                 err = proc.stderr.strip().splitlines()
                 row.update(import_s=None, first_call_s=None, second_call_s=None)
@@ -1701,7 +1701,8 @@ def render(report: dict[str, Any], console: Any = None) -> None:
         console.print(table)
     if report["cold_start"]:
         table = Table(
-            title="cold start: fresh process, import then two training-forward calls",
+            title="cold start: fresh process, import then two calls (training forward; "
+            "ONNX Runtime: inference)",
             title_justify="left",
         )
         for name in ("impl", "shape", "layout", "import", "1st call", "2nd call", "note"):

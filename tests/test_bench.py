@@ -302,14 +302,17 @@ def _check_schema(doc: dict[str, Any], n_results: int) -> None:
         "passes": int,
         "passes_min": int,
         "gbps": float,
+        "copy_s": float,
         "roofline": float,
+        "roofline_run": float,
         "vs": dict,
         "note": str,
     }
     for r in doc["results"]:
         for key, kind in types.items():
             assert isinstance(r[key], kind), (key, r[key])
-        assert r["kind"] in ("fastbn", "baseline", "peer")
+        assert r["kind"] in ("fastbn", "baseline", "peer")  # the copy is not a row
+        assert r["roofline"] == pytest.approx(r["passes"] * r["copy_s"] / 2 / r["median_s"])
         assert r["mode"] in bench.MODES
         assert r["min_s"] <= r["median_s"]
         assert len(r["times_s"]) == doc["config"]["repeat"]
