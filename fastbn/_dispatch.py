@@ -17,10 +17,90 @@ from typing import Any
 import numpy as np
 
 from ._threads import get_num_threads
-from .backends import choose_backend
+from .backends import BACKENDS, _module, choose_backend
 
 LAYOUTS = ("NCHW", "NHWC")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+
+
+# ------------------------------------------------------------------ array operations
+
+
+class HostOps:
+    """The array operations of this layer on host memory (NumPy).
+
+    A backend whose data lives elsewhere (``cuda``) provides the same methods through a
+    module-level ``array_ops()`` hook and ``is_device_array(x)``; `ops_for` picks the
+    implementation once per call, and the code below never asks where the data is.
+    """
+
+    device = False
+
+    def owns(self, a: Any) -> bool:
+        return not _is_foreign_device_array(a)
+
+    def asarray(self, a: Any, name: str) -> np.ndarray:
+        return as_array(a, name)
+
+    def c_contiguous(self, a: np.ndarray) -> bool:
+        return bool(a.flags.c_contiguous)
+
+    def writable(self, a: Any) -> bool:
+        return isinstance(a, np.ndarray) and bool(a.flags.writeable)
+
+    def from_host(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def to_host(self, a: np.ndarray) -> np.ndarray:
+        return a
+
+    def empty(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
+        return np.empty(shape, dtype=dtype)
+
+    def full(self, n: int, value: float, dtype: Any = np.float64) -> np.ndarray:
+        return np.full(n, value, dtype=dtype)
+
+    def astype(self, v: np.ndarray, dtype: Any) -> np.ndarray:
+        return np.asarray(v).astype(dtype)
+
+    def f64(self, v: Any) -> np.ndarray:
+        return np.ascontiguousarray(v, dtype=np.float64)
+
+    def mul(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return a * b
+
+    def invstd(self, var: np.ndarray, eps: float) -> np.ndarray:
+        return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+
+    def div_sqrt(self, w: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
+        return w / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+
+    def update_running(self, running_mean, running_var, mean, var, count, momentum) -> None:
+        update_running(running_mean, running_var, mean, var, count, momentum)
+
+
+HOST = HostOps()
+
+
+def _is_foreign_device_array(a: Any) -> bool:
+    """Device memory that NumPy must not touch (``np.asarray`` would copy it or fail)."""
+    return hasattr(a, "__cuda_array_interface__") or bool(getattr(a, "__cuda_ndarray__", False))
+
+
+def backend_ops(module: ModuleType) -> Any:
+    """The array operations a backend keeps its state with (a layer's parameters)."""
+    hook = getattr(module, "array_ops", None)
+    return HOST if hook is None else hook()
+
+
+def ops_for(x: Any, backend: str | None) -> Any:
+    """The array operations of a call on `x`: the backend's when `x` is its device array."""
+    if backend is not None and backend in BACKENDS and _is_foreign_device_array(x):
+        module = _module(backend)
+        if module is not None and getattr(module, "array_ops", None) is not None:
+            if module.is_available() and module.is_device_array(x):
+                return module.array_ops()
+    return HOST
 
 
 # ------------------------------------------------------------------ validation
@@ -30,6 +110,10 @@ def as_array(a: Any, name: str) -> np.ndarray:
     """View `a` as an ndarray without copying; anything that is not array-like is a TypeError."""
     if isinstance(a, np.ndarray):
         return a
+    if _is_foreign_device_array(a):
+        raise TypeError(
+            f"{name} is a GPU array: pass backend='cuda' (or copy it to the host first)"
+        )
     if (
         hasattr(a, "__array_interface__")
         or hasattr(a, "__array_struct__")
@@ -51,9 +135,9 @@ def channel_axis(ndim: int, layout: str) -> int:
     return 1 if layout == "NCHW" else ndim - 1
 
 
-def check_input(x: Any, layout: str, name: str = "x") -> np.ndarray:
+def check_input(x: Any, layout: str, name: str = "x", ops: Any = HOST) -> np.ndarray:
     """Validate a data array: float32/float64, ndim >= 2, not empty."""
-    x = as_array(x, name)
+    x = ops.asarray(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < 2:
@@ -66,21 +150,21 @@ def check_input(x: Any, layout: str, name: str = "x") -> np.ndarray:
     return x
 
 
-def check_vector(v: Any, channels: int, name: str) -> np.ndarray:
+def check_vector(v: Any, channels: int, name: str, ops: Any = HOST) -> np.ndarray:
     """Validate a per-channel array of shape (C,) and floating dtype."""
-    v = as_array(v, name)
+    v = ops.asarray(v, name)
     if not np.issubdtype(v.dtype, np.floating):
         raise TypeError(f"{name} must have a floating dtype, got {v.dtype}")
-    if v.shape != (channels,):
+    if tuple(v.shape) != (channels,):
         raise ValueError(f"{name} must have shape ({channels},), got {v.shape}")
     return v
 
 
-def vector_or(v: Any, channels: int, name: str, fill: float) -> np.ndarray:
+def vector_or(v: Any, channels: int, name: str, fill: float, ops: Any = HOST) -> np.ndarray:
     """A float64 (C,) copy of `v`, or `fill` everywhere when `v` is None."""
     if v is None:
-        return np.full(channels, fill)
-    return np.ascontiguousarray(check_vector(v, channels, name), dtype=np.float64)
+        return ops.full(channels, fill)
+    return ops.f64(check_vector(v, channels, name, ops))
 
 
 def check_number(value: Any, name: str, *, minimum: float | None = None) -> float:
@@ -94,16 +178,31 @@ def check_number(value: Any, name: str, *, minimum: float | None = None) -> floa
     return value
 
 
-def check_writable_vector(v: Any, channels: int, name: str) -> np.ndarray:
+def check_writable_vector(v: Any, channels: int, name: str, ops: Any = HOST) -> np.ndarray:
     """A (C,) floating ndarray that can be updated in place."""
-    v = check_vector(v, channels, name)
-    if not isinstance(v, np.ndarray) or not v.flags.writeable:
+    given = v
+    v = check_vector(v, channels, name, ops)
+    if not ops.writable(v) or (ops.device and v is not given):
         raise ValueError(f"{name} must be a writable array: it is updated in place")
     return v
 
 
-def check_out(out: Any, x: np.ndarray, allowed_aliases: tuple[np.ndarray, ...]) -> np.ndarray:
+def check_out(
+    out: Any, x: np.ndarray, allowed_aliases: tuple[np.ndarray, ...], ops: Any = HOST
+) -> np.ndarray:
     """Validate ``out=``: C-contiguous, writable, x's shape and dtype, no partial overlap."""
+    if ops.device:
+        # Device memory: same checks; aliasing is only detected as identity.
+        if not ops.owns(out):
+            raise ValueError(f"out must be a device array like x, got {type(out).__name__}")
+        if tuple(out.shape) != tuple(x.shape) or out.dtype != x.dtype:
+            raise ValueError(
+                f"out must have shape {x.shape} and dtype {x.dtype}, got shape {out.shape} "
+                f"and dtype {out.dtype}"
+            )
+        if not ops.c_contiguous(out):
+            raise ValueError("out must be C-contiguous")
+        return out
     if not isinstance(out, np.ndarray):
         raise ValueError(f"out must be a NumPy array, got {type(out).__name__}")
     if out.shape != x.shape or out.dtype != x.dtype:
@@ -149,17 +248,22 @@ class Plan:
 
     def view(self, a: np.ndarray) -> np.ndarray:
         """`a` (user shape) as the canonical view, copying once if its memory needs it."""
-        t = a.transpose(self.perm)
-        if not t.flags.c_contiguous:
+        if self.perm == tuple(range(len(self.perm))):
+            t = a  # also the only case for device arrays (checked C-contiguous)
+        else:
+            t = a.transpose(self.perm)
+        if isinstance(t, np.ndarray) and not t.flags.c_contiguous:
             t = np.ascontiguousarray(t)
         return t.reshape(self.shape)
 
-    def empty(self, dtype: np.dtype) -> np.ndarray:
+    def empty(self, dtype: np.dtype, ops: Any = HOST) -> np.ndarray:
         """A fresh output in canonical form."""
-        return np.empty(self.shape, dtype=dtype)
+        return ops.empty(self.shape, dtype)
 
     def restore(self, a: np.ndarray) -> np.ndarray:
         """Map a canonical array back to the user's shape (and memory order)."""
+        if self.perm == tuple(range(len(self.perm))):
+            return a.reshape(self.user_shape)
         transposed = tuple(self.user_shape[p] for p in self.perm)
         return a.reshape(transposed).transpose(np.argsort(self.perm))
 
@@ -175,7 +279,7 @@ def plan(x: np.ndarray, layout: str, *, keep_strides: bool) -> Plan:
     channels = x.shape[axis]
     identity = tuple(range(x.ndim))
     perm, memory_layout = identity, layout
-    if keep_strides and not x.flags.c_contiguous and x.ndim > 2:
+    if keep_strides and isinstance(x, np.ndarray) and not x.flags.c_contiguous and x.ndim > 2:
         moved = [i for i in identity if i != axis]
         swapped = (moved[0], axis, *moved[1:]) if layout == "NHWC" else (*moved, axis)
         if x.transpose(swapped).flags.c_contiguous:
@@ -197,6 +301,7 @@ class Call:
     plan: Plan
     xc: np.ndarray
     out: np.ndarray | None
+    ops: Any = HOST
 
     @property
     def kernels(self) -> dict:
@@ -206,7 +311,7 @@ class Call:
         """(canonical output to write, user-facing array to return)."""
         if self.out is not None:
             return self.out.reshape(self.plan.shape), self.out
-        yc = self.plan.empty(dtype)
+        yc = self.plan.empty(dtype, self.ops)
         return yc, self.plan.restore(yc)
 
 
@@ -221,18 +326,21 @@ def prepare(
 ) -> Call:
     """Validate `x`, `layout`, `out` and `backend`; return the call's plan."""
     layout = check_layout(layout)
-    x = check_input(x, layout, name)
+    ops = ops_for(x, backend)
+    x = check_input(x, layout, name, ops)
     if out is not None:
-        out = check_out(out, x, (x, *aliases))
+        out = check_out(out, x, (x, *aliases), ops)
     module = choose_backend(backend)
+    if ops.device and not ops.c_contiguous(x):
+        raise ValueError(f"{name} on the device must be C-contiguous")
     p = plan(x, layout, keep_strides=out is None)
-    return Call(module, p, p.view(x), out)
+    return Call(module, p, p.view(x), out, ops)
 
 
 def train_forward(call: Call, weight: np.ndarray, bias: np.ndarray, eps: float):
     """Run the training forward; return (y, mean, var, invstd)."""
     c = call.plan.channels
-    mean, var, invstd = np.empty(c), np.empty(c), np.empty(c)
+    mean, var, invstd = (call.ops.empty(c, np.float64) for _ in range(3))
     yc, y = call.output(call.xc.dtype)
     call.kernels["train_forward"](
         call.xc, weight, bias, eps, yc, mean, var, invstd, get_num_threads()

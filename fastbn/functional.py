@@ -68,27 +68,27 @@ def batch_norm(
         The normalized array (``out`` when given).
     """
     call = d.prepare(x, layout, backend, out)
-    channels = call.plan.channels
+    channels, ops = call.plan.channels, call.ops
     eps = _check_eps(eps)
-    w = d.vector_or(weight, channels, "weight", 1.0)
-    b = d.vector_or(bias, channels, "bias", 0.0)
+    w = d.vector_or(weight, channels, "weight", 1.0, ops)
+    b = d.vector_or(bias, channels, "bias", 0.0, ops)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        rm = d.check_vector(running_mean, channels, "running_mean")
-        rv = d.check_vector(running_var, channels, "running_var")
-        scale = w / np.sqrt(np.asarray(rv, dtype=np.float64) + eps)
-        return d.normalize(call, np.ascontiguousarray(rm, dtype=np.float64), scale, b)
+        rm = d.check_vector(running_mean, channels, "running_mean", ops)
+        rv = d.check_vector(running_var, channels, "running_var", ops)
+        scale = ops.div_sqrt(w, rv, eps)
+        return d.normalize(call, ops.f64(rm), scale, b)
     _check_training_count(call)
     if (running_mean is None) != (running_var is None):
         raise ValueError("give both running_mean and running_var, or neither")
     if running_mean is not None:
         momentum = d.check_number(momentum, "momentum")
-        rm = d.check_writable_vector(running_mean, channels, "running_mean")
-        rv = d.check_writable_vector(running_var, channels, "running_var")
+        rm = d.check_writable_vector(running_mean, channels, "running_mean", ops)
+        rv = d.check_writable_vector(running_var, channels, "running_var", ops)
     y, mean, var, _ = d.train_forward(call, w, b, eps)
     if running_mean is not None:
-        d.update_running(rm, rv, mean, var, call.plan.count, momentum)
+        ops.update_running(rm, rv, mean, var, call.plan.count, momentum)
     return y
 
 
@@ -113,8 +113,8 @@ def batch_norm_train(
     """
     call = d.prepare(x, layout, backend, out)
     eps = _check_eps(eps)
-    w = d.vector_or(weight, call.plan.channels, "weight", 1.0)
-    b = d.vector_or(bias, call.plan.channels, "bias", 0.0)
+    w = d.vector_or(weight, call.plan.channels, "weight", 1.0, call.ops)
+    b = d.vector_or(bias, call.plan.channels, "bias", 0.0, call.ops)
     _check_training_count(call)
     y, mean, _, invstd = d.train_forward(call, w, b, eps)
     return y, mean, invstd
@@ -158,28 +158,32 @@ def batch_norm_backward(
     dweight, dbias : ndarray of shape (C,), float64
     """
     layout = d.check_layout(layout)
-    x = d.check_input(x, layout)
-    dy = d.check_input(dy, layout, "dy")
-    if dy.shape != x.shape:
+    ops = d.ops_for(x, backend)
+    x = d.check_input(x, layout, "x", ops)
+    dy = d.check_input(dy, layout, "dy", ops)
+    if tuple(dy.shape) != tuple(x.shape):
         raise ValueError(f"dy must have x's shape {x.shape}, got {dy.shape}")
     if dy.dtype != x.dtype:
         raise TypeError(f"dy must have x's dtype {x.dtype}, got {dy.dtype}")
     call = d.prepare(x, layout, backend, out, aliases=(dy,))
     channels = call.plan.channels
-    mean = np.ascontiguousarray(d.check_vector(save_mean, channels, "save_mean"), np.float64)
-    invstd = np.ascontiguousarray(d.check_vector(save_invstd, channels, "save_invstd"), np.float64)
-    w = d.vector_or(weight, channels, "weight", 1.0)
+    ops = call.ops
+    mean = ops.f64(d.check_vector(save_mean, channels, "save_mean", ops))
+    invstd = ops.f64(d.check_vector(save_invstd, channels, "save_invstd", ops))
+    w = d.vector_or(weight, channels, "weight", 1.0, ops)
+    if ops.device and not ops.c_contiguous(dy):
+        raise ValueError("dy on the device must be C-contiguous")
     dyc = call.plan.view(dy)
     dxc, dx = call.output(call.xc.dtype)
-    sum_dy, sum_dy_xmu = np.empty(channels), np.empty(channels)
+    sum_dy, sum_dy_xmu = ops.empty(channels, np.float64), ops.empty(channels, np.float64)
     kernels, threads = call.kernels, get_num_threads()
     if training:
         kernels["backward_train"](dyc, call.xc, mean, invstd, w, dxc, sum_dy, sum_dy_xmu, threads)
     else:
         kernels["backward_reduce"](dyc, call.xc, mean, sum_dy, sum_dy_xmu, threads)
-        zeros = np.zeros(channels)
-        kernels["normalize"](dyc, zeros, w * invstd, zeros, dxc, threads)
-    return dx, sum_dy_xmu * invstd, sum_dy
+        zeros = ops.full(channels, 0.0)
+        kernels["normalize"](dyc, zeros, ops.mul(w, invstd), zeros, dxc, threads)
+    return dx, ops.mul(sum_dy_xmu, invstd), sum_dy
 
 
 def moments(
@@ -187,6 +191,7 @@ def moments(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and population variance, float64, in one pass over memory."""
     call = d.prepare(x, layout, backend)
-    mean, var = np.empty(call.plan.channels), np.empty(call.plan.channels)
+    mean = call.ops.empty(call.plan.channels, np.float64)
+    var = call.ops.empty(call.plan.channels, np.float64)
     call.kernels["stats"](call.xc, mean, var, get_num_threads())
     return mean, var

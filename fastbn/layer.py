@@ -73,7 +73,11 @@ class BatchNorm:
         self.affine = bool(affine)
         self.track_running_stats = bool(track_running_stats)
         self.layout = d.check_layout(layout)
-        self.backend = None if backend is None else d.choose_backend(backend).NAME
+        module = None if backend is None else d.choose_backend(backend)
+        self.backend = None if module is None else module.NAME
+        # Where the parameters and running statistics live: host memory, or the device of
+        # a backend that has its own memory (``backend="cuda"``).
+        self._ops = d.HOST if module is None else d.backend_ops(module)
         self.training = True
         self.weight: np.ndarray | None = None
         self.bias: np.ndarray | None = None
@@ -90,16 +94,16 @@ class BatchNorm:
     def reset_running_stats(self) -> None:
         """Running mean to zeros, running variance to ones, ``num_batches_tracked`` to 0."""
         if self.track_running_stats:
-            self.running_mean = np.zeros(self.num_features, self.dtype)
-            self.running_var = np.ones(self.num_features, self.dtype)
+            self.running_mean = self._ops.full(self.num_features, 0.0, self.dtype)
+            self.running_var = self._ops.full(self.num_features, 1.0, self.dtype)
         self.num_batches_tracked = 0
 
     def reset_parameters(self) -> None:
         """Reset the running statistics, weight to ones and bias to zeros."""
         self.reset_running_stats()
         if self.affine:
-            self.weight = np.ones(self.num_features, self.dtype)
-            self.bias = np.zeros(self.num_features, self.dtype)
+            self.weight = self._ops.full(self.num_features, 1.0, self.dtype)
+            self.bias = self._ops.full(self.num_features, 0.0, self.dtype)
 
     def train(self, mode: bool = True) -> BatchNorm:
         """Switch to training mode (or eval mode with ``mode=False``); return self."""
@@ -123,7 +127,7 @@ class BatchNorm:
             if key == "num_batches_tracked":
                 state[key] = np.array(self.num_batches_tracked, dtype=np.int64)
             else:
-                state[key] = getattr(self, key).copy()
+                state[key] = np.array(self._ops.to_host(getattr(self, key)))
         return state
 
     def load_state_dict(self, state: dict[str, Any], strict: bool = True) -> None:
@@ -160,7 +164,7 @@ class BatchNorm:
                     raise ValueError(
                         f"{key} must have shape ({self.num_features},), got {value.shape}"
                     )
-                staged[key] = value.astype(self.dtype, copy=True)
+                staged[key] = self._ops.from_host(value.astype(self.dtype, copy=True))
         for key, value in staged.items():
             setattr(self, key, value)
 
@@ -173,8 +177,18 @@ class BatchNorm:
     def forward(self, x: Any) -> np.ndarray:
         """Normalize `x`; in training mode update the running statistics.
 
-        Returns a new array of x's shape, dtype and memory order.
+        Returns a new array of x's shape, dtype and memory order (a device array for a
+        device input; a NumPy input of a ``backend="cuda"`` layer goes to the device and
+        its result comes back).
         """
+        ops = self._ops
+        to_host = ops.device and not ops.owns(x)
+        if to_host:
+            x = ops.from_host(d.as_array(x, "x"))
+        y = self._forward(x)
+        return ops.to_host(y) if to_host else y
+
+    def _forward(self, x: Any) -> np.ndarray:
         call = d.prepare(x, self.layout, self.backend)
         if call.plan.channels != self.num_features:
             raise ValueError(
@@ -182,13 +196,14 @@ class BatchNorm:
                 f"got input of shape {call.plan.user_shape}"
             )
         c = self.num_features
-        w = d.vector_or(self.weight, c, "weight", 1.0)
-        b = d.vector_or(self.bias, c, "bias", 0.0)
+        ops = call.ops
+        w = d.vector_or(self.weight, c, "weight", 1.0, ops)
+        b = d.vector_or(self.bias, c, "bias", 0.0, ops)
         use_batch_stats = self.training or not self.track_running_stats
         if not use_batch_stats:
-            mean = self.running_mean.astype(np.float64)
-            invstd = 1.0 / np.sqrt(self.running_var.astype(np.float64) + self.eps)
-            y = d.normalize(call, mean, w * invstd, b)
+            mean = ops.astype(self.running_mean, np.float64)
+            invstd = ops.invstd(self.running_var, self.eps)
+            y = d.normalize(call, mean, ops.mul(w, invstd), b)
             self._saved = _Saved(call.plan.restore(call.xc), mean, invstd, training=False)
             return y
         if call.plan.count < 2:
@@ -200,7 +215,7 @@ class BatchNorm:
         if self.training and self.track_running_stats:
             self.num_batches_tracked += 1
             factor = 1.0 / self.num_batches_tracked if self.momentum is None else self.momentum
-            d.update_running(
+            ops.update_running(
                 self.running_mean, self.running_var, mean, var, call.plan.count, factor
             )
         self._saved = _Saved(call.plan.restore(call.xc), mean, invstd, training=True)
@@ -217,6 +232,10 @@ class BatchNorm:
         if self._saved is None:
             raise RuntimeError("backward needs a forward first")
         saved = self._saved
+        ops = self._ops
+        to_host = ops.device and not ops.owns(dy)
+        if to_host:
+            dy = ops.from_host(d.as_array(dy, "dy"))
         dx, dweight, dbias = batch_norm_backward(
             dy,
             saved.x,
@@ -228,9 +247,9 @@ class BatchNorm:
             training=saved.training,
         )
         if self.affine:
-            self.grad_weight = dweight.astype(self.dtype)
-            self.grad_bias = dbias.astype(self.dtype)
-        return dx
+            self.grad_weight = ops.astype(dweight, self.dtype)
+            self.grad_bias = ops.astype(dbias, self.dtype)
+        return ops.to_host(dx) if to_host else dx
 
     def __repr__(self) -> str:
         return (
