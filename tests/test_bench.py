@@ -1,0 +1,388 @@
+"""Tests of the ``fastbn-bench`` tool's behaviour (no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+import fastbn
+from fastbn import bench, reference
+
+TINY = ["--shape", "4,3,5,5", "--repeat", "2", "--warmup", "1", "--copy-mib", "1"]
+CPU_BACKENDS = bench.fastbn_backends()
+
+
+def fast_impls() -> str:
+    """fastbn's CPU backends and numpy: no peer import, so the run stays short."""
+    return ",".join([*CPU_BACKENDS, "numpy"])
+
+
+# -- argument parsing -------------------------------------------------------------------
+
+
+def test_defaults_are_the_readme_main_job() -> None:
+    config = bench.parse_args([])
+    assert config.shapes == list(bench.DEFAULT_SHAPES)
+    assert config.layouts == ["NCHW", "NHWC"]
+    assert config.dtypes == ["float32"]
+    assert config.ops == list(bench.OPS)
+    assert config.threads == [bench.available_cpus()]
+    assert config.modes == ["fresh", "out"]
+    assert (config.repeat, config.warmup) == (7, 1)
+    for name in CPU_BACKENDS:
+        assert name in config.impls
+    assert "numpy" in config.impls
+    assert "cuda" not in config.impls
+
+
+def test_default_cases_share_one_table() -> None:
+    cases = bench.default_cases()
+    # 3 four-dimensional shapes in 2 layouts + (4096, 1024) once, times the operations.
+    assert len(cases) == (3 * 2 + 1) * len(bench.OPS)
+    two_d = [c for c in cases if len(c.shape) == 2]
+    assert {c.layout for c in two_d} == {"NHWC"}
+    assert {c.shape for c in cases} == set(bench.DEFAULT_SHAPES)
+
+
+def test_quick_and_explicit_repeat() -> None:
+    quick = bench.parse_args(["--quick"])
+    assert (quick.repeat, quick.warmup) == (3, 1)
+    explicit = bench.parse_args(["--quick", "--repeat", "7", "--warmup", "0"])
+    assert (explicit.repeat, explicit.warmup) == (7, 0)
+
+
+def test_lists_are_parsed_and_normalized() -> None:
+    config = bench.parse_args(
+        [
+            "--shape",
+            "64,256,56,56",
+            "8x3x4",
+            "--shape",
+            "4096,1024",
+            "--layout",
+            "nhwc,NCHW,nhwc",
+            "--threads",
+            "2,1,2",
+            "--dtype",
+            "float64",
+            "--op",
+            "infer,train",
+            "--mode",
+            "out",
+            "--backend",
+            "np",
+        ]
+    )
+    assert config.shapes == [(64, 256, 56, 56), (8, 3, 4), (4096, 1024)]
+    assert config.layouts == ["NHWC", "NCHW"]
+    assert config.threads == [1, 2]
+    assert config.dtypes == ["float64"]
+    assert config.ops == ["infer", "train"]
+    assert config.modes == ["out"]
+    assert config.impls == ["numpy"]
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--shape", "64"],  # no channel axis
+        ["--shape", "4,0,5"],  # empty axis
+        ["--shape", "a,b"],
+        ["--shape", "1,8"],  # one value per channel: training is undefined
+        ["--layout", "NCWH"],
+        ["--layout", ","],
+        ["--dtype", "float16"],
+        ["--op", "predict"],
+        ["--threads", "0"],
+        ["--threads", "two"],
+        ["--repeat", "0"],
+        ["--mode", "inplace"],
+        ["--backend", "tensorflow"],
+        ["--plot", "out.svg"],
+        ["--pause", "-1"],
+    ],
+)
+def test_bad_arguments_exit_with_usage_error(argv: list[str], capsys: Any) -> None:
+    with pytest.raises(SystemExit) as info:
+        bench.parse_args(argv)
+    assert info.value.code == 2
+    assert "fastbn-bench" in capsys.readouterr().err
+
+
+def test_case_geometry() -> None:
+    case = bench.Case((64, 256, 56, 56), "NHWC", "train")
+    assert case.array_shape == (64, 56, 56, 256)
+    assert case.channels == 256
+    assert case.per_channel == 64 * 56 * 56
+    assert case.nbytes == 64 * 256 * 56 * 56 * 4
+    l2 = 2 * 1024 * 1024
+    assert case.passes(l2) == (3, 3)  # NHWC: no cache-resident channel slices
+    nchw = bench.Case((64, 256, 56, 56), "NCHW", "backward")
+    assert nchw.passes(l2) == (5, 3)
+    assert nchw.passes(1024) == (5, 5)  # slice larger than that L2
+    assert bench.Case((4096, 1024), "NHWC", "infer", "float64").array_shape == (4096, 1024)
+
+
+# -- peers ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("peer", ["torch", "onnxruntime"])
+def test_missing_peer_is_skipped_with_a_note(monkeypatch: Any, peer: str) -> None:
+    monkeypatch.setitem(sys.modules, peer, None)  # makes `import peer` raise ImportError
+    config = bench.parse_args(["--backend", f"numpy,{peer}"])
+    assert config.impls == ["numpy"]
+    assert any(note.startswith(f"{peer}: not installed") for note in config.notes)
+
+
+def test_missing_peers_by_default_still_run(monkeypatch: Any) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)
+    config = bench.parse_args([])
+    assert "torch" not in config.impls and "onnxruntime" not in config.impls
+    assert len([n for n in config.notes if "not installed" in n]) == 2
+
+
+def test_only_missing_implementations_is_an_error(monkeypatch: Any) -> None:
+    monkeypatch.setitem(sys.modules, "torch", None)
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--backend", "torch"])
+
+
+# -- what is timed computes batch norm ---------------------------------------------------
+
+
+def _expected(case: bench.Case, data: bench.Data) -> np.ndarray:
+    x = data.x
+    if case.op == "infer":
+        return reference.normalize(
+            x,
+            data.running_mean,
+            data.running_var,
+            data.weight,
+            data.bias,
+            bench.EPS,
+            case.layout,
+        )
+    y, mean, invstd = reference.train_forward(x, data.weight, data.bias, bench.EPS, case.layout)
+    if case.op == "train":
+        return y
+    return reference.backward(data.dy, x, mean, invstd, data.weight, case.layout)[0]
+
+
+def _first_array(result: Any, case: bench.Case) -> np.ndarray:
+    """The y (train/infer) or dx (backward/fwdbwd) in whatever a callable returned."""
+    if case.op == "fwdbwd":
+        result = result[1]
+    while isinstance(result, tuple | list):
+        result = result[0]
+    if hasattr(result, "detach"):
+        result = result.detach().numpy()
+    return np.asarray(result)
+
+
+def _impls_for_check() -> list[str]:
+    impls = [*CPU_BACKENDS, "numpy"]
+    impls += [p for p in bench.PEERS if bench.peer_version(p) is not None]
+    return impls
+
+
+@pytest.mark.parametrize("impl", _impls_for_check())
+@pytest.mark.parametrize("layout", ["NCHW", "NHWC"])
+@pytest.mark.parametrize("op", bench.OPS)
+def test_every_callable_computes_batch_norm(impl: str, layout: str, op: str) -> None:
+    case = bench.Case((4, 3, 5, 5), layout, op, "float32")  # kernels the tiny run compiles
+    if not bench.supports(impl, case):
+        pytest.skip(f"{impl} does not do {op}")
+    data = bench.make_data(case, seed=1)
+    expected = _expected(case, data)
+    for mode in bench.impl_modes(impl, case, bench.MODES):
+        result = bench.make_callable(impl, case, data, mode, threads=1)()
+        if impl == "onnxruntime":
+            got = data.cache["ort-out"] if mode == "out" else result[0]
+            if layout == "NHWC":
+                got = np.moveaxis(got, 1, -1)
+        else:
+            got = _first_array(result, case)
+        got = np.asarray(got)
+        if impl == "torch" and layout == "NHWC":
+            got = np.moveaxis(got, 1, -1)
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"{mode}")
+
+
+# -- timing loop ------------------------------------------------------------------------
+
+
+def test_time_entries_warms_up_and_interleaves() -> None:
+    calls: list[str] = []
+
+    def recorder(name: str) -> Any:
+        return lambda: calls.append(name)
+
+    entries = [bench.Entry(name, "fresh", recorder(name)) for name in "abc"]
+    done: list[int] = []
+    bench.time_entries(entries, repeat=3, warmup=2, pause=0.0, advance=done.append)
+    assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
+    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotated rounds
+    assert all(len(e.times) == 3 for e in entries)
+    assert sum(done) == 3 * (2 + 3)
+
+
+def test_ratios_and_thread_scaling() -> None:
+    def row(impl: str, threads: int, mode: str, t: float) -> dict[str, Any]:
+        return {
+            "shape": [4, 3],
+            "layout": "NHWC",
+            "dtype": "float32",
+            "op": "infer",
+            "threads": threads,
+            "impl": impl,
+            "kind": bench.impl_kind(impl),
+            "mode": mode,
+            "median_s": t,
+            "vs": {},
+            "thread_scaling": None,
+        }
+
+    rows = [
+        row("numba", 1, "out", 4.0),
+        row("numba", 2, "out", 2.0),
+        row("numba", 2, "fresh", 3.0),
+        row("onnxruntime", 2, "out", 3.0),
+        row("onnxruntime", 2, "fresh", 6.0),
+        row("torch", 2, "fresh", 9.0),
+    ]
+    bench._add_ratios(rows)
+    out2 = rows[1]
+    assert out2["vs"] == {"onnxruntime": 1.5, "torch": 4.5}  # same mode when the peer has it
+    assert rows[2]["vs"]["onnxruntime"] == 2.0
+    assert out2["thread_scaling"] == 2.0
+    assert rows[3]["vs"] == {}  # peers are not compared with each other
+
+
+# -- a whole tiny run: JSON, plot, table --------------------------------------------------
+
+
+def _check_schema(doc: dict[str, Any], n_results: int) -> None:
+    assert doc["schema"] == "fastbn-bench"
+    assert doc["version"] == bench.SCHEMA_VERSION
+    assert isinstance(doc["created"], str)
+    machine = doc["machine"]
+    for key in ("python", "platform", "cpus", "l2_bytes", "numpy", "fastbn", "backends"):
+        assert key in machine
+    assert set(machine["peers"]) >= set(bench.PEERS)
+    for key in ("shapes", "layouts", "dtypes", "ops", "threads", "implementations", "modes"):
+        assert key in doc["config"]
+    assert [c["threads"] for c in doc["copy"]] == doc["config"]["threads"]
+    for c in doc["copy"]:
+        assert c["gbps"] > 0 and c["fresh_gbps"] > 0
+        assert c["method"] in c["methods"]
+    assert all(isinstance(n, str) for n in doc["notes"])
+    assert len(doc["results"]) == n_results
+    types = {
+        "shape": list,
+        "array_shape": list,
+        "layout": str,
+        "dtype": str,
+        "op": str,
+        "threads": int,
+        "impl": str,
+        "kind": str,
+        "mode": str,
+        "median_s": float,
+        "min_s": float,
+        "q1_s": float,
+        "q3_s": float,
+        "times_s": list,
+        "nbytes": int,
+        "passes": int,
+        "passes_min": int,
+        "gbps": float,
+        "copy_s": float,
+        "roofline": float,
+        "roofline_run": float,
+        "vs": dict,
+        "note": str,
+    }
+    for r in doc["results"]:
+        for key, kind in types.items():
+            assert isinstance(r[key], kind), (key, r[key])
+        assert r["kind"] in ("fastbn", "baseline", "peer")  # the copy is not a row
+        assert r["roofline"] == pytest.approx(r["passes"] * r["copy_s"] / 2 / r["median_s"])
+        assert r["mode"] in bench.MODES
+        assert r["min_s"] <= r["median_s"]
+        assert len(r["times_s"]) == doc["config"]["repeat"]
+        assert r["thread_scaling"] is None or isinstance(r["thread_scaling"], float)
+        assert r["peak_extra_bytes"] is None or isinstance(r["peak_extra_bytes"], int)
+    assert isinstance(doc["cold_start"], list)
+
+
+def test_tiny_run_writes_json_plot_and_table(tmp_path: Path, capsys: Any) -> None:
+    out_json = tmp_path / "out.json"
+    out_png = tmp_path / "out.png"
+    argv = [*TINY, "--threads", "1,2", "--backend", fast_impls(), "--no-progress"]
+    argv += ["--json", str(out_json), "--plot", str(out_png), "--memory"]
+    assert bench.main(argv) == 0
+    doc = json.loads(out_json.read_text())
+    # per layout, op and thread count: every fastbn backend in 2 modes, numpy once
+    per_group = 2 * len(CPU_BACKENDS) + 1
+    _check_schema(doc, n_results=2 * len(bench.OPS) * 2 * per_group)
+    scaled = [r for r in doc["results"] if r["threads"] == 2]
+    assert all(isinstance(r["thread_scaling"], float) for r in scaled)
+    assert all(isinstance(r["peak_extra_bytes"], int) for r in doc["results"])
+    assert out_png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    text = capsys.readouterr().out
+    assert "copy bandwidth" in text
+    for op in bench.OPS:
+        assert f"{op} (" in text
+
+
+@pytest.mark.skipif(bench.peer_version("onnxruntime") is None, reason="needs onnxruntime")
+def test_peer_rows_and_ratios(tmp_path: Path) -> None:
+    config = bench.parse_args(
+        [*TINY, "--shape", "6,3", "--op", "infer", "--backend", "numpy,ort", "--no-progress"]
+    )
+    config.shapes = [(6, 3)]
+    report = bench.run(config)
+    impls = {(r["impl"], r["mode"]) for r in report["results"]}
+    assert impls == {("numpy", "fresh"), ("onnxruntime", "fresh"), ("onnxruntime", "out")}
+    numpy_row = next(r for r in report["results"] if r["impl"] == "numpy")
+    assert set(numpy_row["vs"]) == {"onnxruntime"}
+    assert any("onnxruntime" in note for note in report["notes"])
+
+
+def test_cold_start_rows(tmp_path: Path) -> None:
+    config = bench.parse_args([*TINY, "--backend", "numpy", "--cold-start"])
+    rows = bench.cold_start(config)
+    assert [r["impl"] for r in rows] == ["numpy"]
+    assert rows[0]["first_call_s"] > 0 and rows[0]["import_s"] >= 0
+
+
+def test_module_is_runnable(tmp_path: Path) -> None:
+    import subprocess
+
+    out_json = tmp_path / "o.json"
+    argv = [*TINY, "--op", "infer", "--layout", "NHWC", "--backend", "numpy"]
+    proc = subprocess.run(
+        [sys.executable, "-m", "fastbn.bench", *argv, "--json", str(out_json)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out_json.read_text())["results"][0]["impl"] == "numpy"
+
+
+def test_copy_bandwidth_reports_methods() -> None:
+    result = bench.measure_copy_bandwidth(threads=2, nbytes=1 << 20, repeat=2)
+    assert result["threads"] == 2
+    assert result["gbps"] == max(result["methods"].values())
+
+
+def test_uses_the_public_api_only() -> None:
+    for name in ("batch_norm", "batch_norm_train", "batch_norm_backward", "num_threads"):
+        assert hasattr(fastbn, name)
