@@ -293,21 +293,55 @@ def _nhwc_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nt
     )
 
 
+def _read_only(a: np.ndarray) -> np.ndarray:
+    view = a.view()
+    view.flags.writeable = False
+    return view
+
+
+def _inputs_read_only(fn: Callable, n_inputs: int) -> Callable:
+    """Hand the data inputs to `fn` as read-only views.
+
+    Numba types read-only and writable arrays differently: by always passing read-only
+    views, a read-only input (a memory map, a broadcast) reuses the kernels compiled for
+    writable ones instead of compiling a second set.
+    """
+
+    def call(*args):
+        fn(*(_read_only(a) for a in args[:n_inputs]), *args[n_inputs:])
+
+    call.__name__ = call.__qualname__ = fn.__name__
+    call.__doc__ = fn.__doc__
+    return call
+
+
+#: How many leading arguments of each kernel are data inputs.
+_INPUTS = {
+    "stats": 1,
+    "train_forward": 1,
+    "normalize": 1,
+    "backward_reduce": 2,
+    "backward_train": 2,
+}
+
 _TABLE = {
-    "nchw": {
-        "stats": _nchw_stats,
-        "train_forward": _nchw_train_forward,
-        "normalize": _nchw_normalize,
-        "backward_reduce": _nchw_backward_reduce,
-        "backward_train": _nchw_backward_train,
-    },
-    "nhwc": {
-        "stats": _nhwc_stats,
-        "train_forward": _nhwc_train_forward,
-        "normalize": _nhwc_normalize,
-        "backward_reduce": _nhwc_backward_reduce,
-        "backward_train": _nhwc_backward_train,
-    },
+    layout: {op: _inputs_read_only(fn, _INPUTS[op]) for op, fn in table.items()}
+    for layout, table in {
+        "nchw": {
+            "stats": _nchw_stats,
+            "train_forward": _nchw_train_forward,
+            "normalize": _nchw_normalize,
+            "backward_reduce": _nchw_backward_reduce,
+            "backward_train": _nchw_backward_train,
+        },
+        "nhwc": {
+            "stats": _nhwc_stats,
+            "train_forward": _nhwc_train_forward,
+            "normalize": _nhwc_normalize,
+            "backward_reduce": _nhwc_backward_reduce,
+            "backward_train": _nhwc_backward_train,
+        },
+    }.items()
 }
 
 
