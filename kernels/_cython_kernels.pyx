@@ -180,109 +180,73 @@ def grid(layout, shape):
 
 
 # ---------------------------------------------------------------------------------------
-# Contiguous-run primitives (8 independent float64 lanes, so gcc vectorizes them
-# without reassociating anything: the order of operations is fixed by the code)
+# Contiguous-run primitives. Each is ONE reduction into 16 independent float64 lanes, so
+# gcc vectorizes it without reassociating anything (-O3, no -ffast-math): the order of the
+# additions is fixed by the code, whatever the instruction set. (gcc 12 does not vectorize
+# two reductions in one loop, hence one loop per sum over the cached data.)
 # ---------------------------------------------------------------------------------------
-cdef inline double _sum(const floating* p, idx_t n) noexcept nogil:
-    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
-    cdef double a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0
-    cdef idx_t i, n8 = n - n % 8
-    for i in range(0, n8, 8):
-        a0 += p[i]
-        a1 += p[i + 1]
-        a2 += p[i + 2]
-        a3 += p[i + 3]
-        a4 += p[i + 4]
-        a5 += p[i + 5]
-        a6 += p[i + 6]
-        a7 += p[i + 7]
-    for i in range(n8, n):
-        a0 += p[i]
-    return ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
+cdef enum:
+    _LANES = 16
 
 
-cdef inline void _dev(const floating* p, idx_t n, double m,
-                      double* sd, double* sdd) noexcept nogil:
-    """Add ``sum(p - m)`` to ``sd`` and ``sum((p - m)**2)`` to ``sdd``."""
-    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
-    cdef double a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0
-    cdef double b0 = 0.0, b1 = 0.0, b2 = 0.0, b3 = 0.0
-    cdef double b4 = 0.0, b5 = 0.0, b6 = 0.0, b7 = 0.0
-    cdef double t0, t1, t2, t3, t4, t5, t6, t7
-    cdef idx_t i, n8 = n - n % 8
-    for i in range(0, n8, 8):
-        t0 = p[i] - m
-        t1 = p[i + 1] - m
-        t2 = p[i + 2] - m
-        t3 = p[i + 3] - m
-        t4 = p[i + 4] - m
-        t5 = p[i + 5] - m
-        t6 = p[i + 6] - m
-        t7 = p[i + 7] - m
-        a0 += t0
-        a1 += t1
-        a2 += t2
-        a3 += t3
-        a4 += t4
-        a5 += t5
-        a6 += t6
-        a7 += t7
-        b0 += t0 * t0
-        b1 += t1 * t1
-        b2 += t2 * t2
-        b3 += t3 * t3
-        b4 += t4 * t4
-        b5 += t5 * t5
-        b6 += t6 * t6
-        b7 += t7 * t7
-    for i in range(n8, n):
-        t0 = p[i] - m
-        a0 += t0
-        b0 += t0 * t0
-    sd[0] += ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    sdd[0] += ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
+cdef inline double _fold(const double* a) noexcept nogil:
+    """Add the 16 lanes in a fixed tree."""
+    return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + (
+        ((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15])))
 
 
-cdef inline void _bsum(const floating* dy, const floating* x, idx_t n, double m,
-                       double* sdy, double* sxm) noexcept nogil:
-    """Add ``sum(dy)`` to ``sdy`` and ``sum(dy * (x - m))`` to ``sxm``."""
-    cdef double a0 = 0.0, a1 = 0.0, a2 = 0.0, a3 = 0.0
-    cdef double a4 = 0.0, a5 = 0.0, a6 = 0.0, a7 = 0.0
-    cdef double b0 = 0.0, b1 = 0.0, b2 = 0.0, b3 = 0.0
-    cdef double b4 = 0.0, b5 = 0.0, b6 = 0.0, b7 = 0.0
-    cdef double g0, g1, g2, g3, g4, g5, g6, g7
-    cdef idx_t i, n8 = n - n % 8
-    for i in range(0, n8, 8):
-        g0 = dy[i]
-        g1 = dy[i + 1]
-        g2 = dy[i + 2]
-        g3 = dy[i + 3]
-        g4 = dy[i + 4]
-        g5 = dy[i + 5]
-        g6 = dy[i + 6]
-        g7 = dy[i + 7]
-        a0 += g0
-        a1 += g1
-        a2 += g2
-        a3 += g3
-        a4 += g4
-        a5 += g5
-        a6 += g6
-        a7 += g7
-        b0 += g0 * (x[i] - m)
-        b1 += g1 * (x[i + 1] - m)
-        b2 += g2 * (x[i + 2] - m)
-        b3 += g3 * (x[i + 3] - m)
-        b4 += g4 * (x[i + 4] - m)
-        b5 += g5 * (x[i + 5] - m)
-        b6 += g6 * (x[i + 6] - m)
-        b7 += g7 * (x[i + 7] - m)
-    for i in range(n8, n):
-        g0 = dy[i]
-        a0 += g0
-        b0 += g0 * (x[i] - m)
-    sdy[0] += ((a0 + a1) + (a2 + a3)) + ((a4 + a5) + (a6 + a7))
-    sxm[0] += ((b0 + b1) + (b2 + b3)) + ((b4 + b5) + (b6 + b7))
+cdef inline void _zero(double* a) noexcept nogil:
+    cdef int l
+    for l in range(16):
+        a[l] = 0.0
+
+
+cdef inline void _acc_sum(const floating* p, idx_t n, double* a) noexcept nogil:
+    """Lanes ``a`` += ``p`` (value ``i`` goes to lane ``i % 16``)."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    for i in range(0, n16, 16):
+        for l in range(16):
+            a[l] += p[i + l]
+    for i in range(n16, n):
+        a[i - n16] += p[i]
+
+
+cdef inline void _acc_dev(const floating* p, idx_t n, double m, double* a) noexcept nogil:
+    """Lanes ``a`` += ``p - m``."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    for i in range(0, n16, 16):
+        for l in range(16):
+            a[l] += p[i + l] - m
+    for i in range(n16, n):
+        a[i - n16] += p[i] - m
+
+
+cdef inline void _acc_sq(const floating* p, idx_t n, double m, double* a) noexcept nogil:
+    """Lanes ``a`` += ``(p - m)**2``."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    cdef double t
+    for i in range(0, n16, 16):
+        for l in range(16):
+            t = p[i + l] - m
+            a[l] += t * t
+    for i in range(n16, n):
+        t = p[i] - m
+        a[i - n16] += t * t
+
+
+cdef inline void _acc_dot(const floating* g, const floating* p, idx_t n, double m,
+                          double* a) noexcept nogil:
+    """Lanes ``a`` += ``g * (p - m)``."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    for i in range(0, n16, 16):
+        for l in range(16):
+            a[l] += g[i + l] * (p[i + l] - m)
+    for i in range(n16, n):
+        a[i - n16] += g[i] * (p[i] - m)
 
 
 cdef inline void _apply(const floating* x, floating* y, idx_t n,
@@ -323,9 +287,14 @@ cdef inline void _chan(double* na, double* ma, double* m2a,
 # ---------------------------------------------------------------------------------------
 cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
                         double* cnt, double* mean, double* m2) noexcept nogil:
-    """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk."""
+    """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk.
+
+    Per chunk (in cache): ``mc = sum / k``, then ``sd = sum(x - mc)`` and
+    ``sdd = sum((x - mc)**2)``; the chunk partial is ``(k, mc + sd/k, sdd - sd**2/k)``.
+    """
     cdef idx_t ca, cb, i, n, s, L
-    cdef double k, tot, mc, sd, sdd, cm2
+    cdef double k, mc, sd, sdd, cm2
+    cdef double lanes[16]
     cnt[0] = 0.0
     mean[0] = 0.0
     m2[0] = 0.0
@@ -335,28 +304,45 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
         if cb > b:
             cb = b
         k = <double>(cb - ca)
-        tot = 0.0
+        _zero(lanes)
         i = ca
+        n = i // S
+        s = i - n * S
         while i < cb:
-            n = i // S
-            s = i - n * S
             L = S - s
             if L > cb - i:
                 L = cb - i
-            tot += _sum(x + n * CS + s, L)
+            _acc_sum(x + n * CS + s, L, lanes)
             i += L
-        mc = tot / k
-        sd = 0.0
-        sdd = 0.0
+            n += 1
+            s = 0
+        mc = _fold(lanes) / k
+        _zero(lanes)
         i = ca
+        n = i // S
+        s = i - n * S
         while i < cb:
-            n = i // S
-            s = i - n * S
             L = S - s
             if L > cb - i:
                 L = cb - i
-            _dev(x + n * CS + s, L, mc, &sd, &sdd)
+            _acc_dev(x + n * CS + s, L, mc, lanes)
             i += L
+            n += 1
+            s = 0
+        sd = _fold(lanes)
+        _zero(lanes)
+        i = ca
+        n = i // S
+        s = i - n * S
+        while i < cb:
+            L = S - s
+            if L > cb - i:
+                L = cb - i
+            _acc_sq(x + n * CS + s, L, mc, lanes)
+            i += L
+            n += 1
+            s = 0
+        sdd = _fold(lanes)
         cm2 = sdd - sd * sd / k
         if cm2 < 0.0:
             cm2 = 0.0
@@ -368,44 +354,68 @@ cdef void _nchw_apply(const floating* x, floating* y, idx_t S, idx_t CS, idx_t a
                       double m, double sc, double bias) noexcept nogil:
     cdef idx_t i, n, s, L
     i = a
+    n = i // S
+    s = i - n * S
     while i < b:
-        n = i // S
-        s = i - n * S
         L = S - s
         if L > b - i:
             L = b - i
         _apply(x + n * CS + s, y + n * CS + s, L, m, sc, bias)
         i += L
+        n += 1
+        s = 0
+
+
+cdef void _nchw_rows_apply(const floating* x, floating* y, idx_t S, idx_t C, idx_t r0,
+                           idx_t r1, const double* m, const double* sc,
+                           const double* b) noexcept nogil:
+    """Normalize rows ``[r0, r1)`` of the ``(N*C, S)`` view, channel ``r % C``."""
+    cdef idx_t r, c = r0 % C
+    for r in range(r0, r1):
+        _apply(x + r * S, y + r * S, S, m[c], sc[c], b[c])
+        c += 1
+        if c == C:
+            c = 0
 
 
 cdef void _nchw_bsums(const floating* dy, const floating* x, idx_t S, idx_t CS,
                       idx_t a, idx_t b, double m, double* sdy, double* sxm) noexcept nogil:
+    """``sum(dy)`` and ``sum(dy * (x - m))`` over ``[a, b)`` of one channel (16 lanes)."""
     cdef idx_t i, n, s, L
-    sdy[0] = 0.0
-    sxm[0] = 0.0
+    cdef double la[16]
+    cdef double lb[16]
+    _zero(la)
+    _zero(lb)
     i = a
+    n = i // S
+    s = i - n * S
     while i < b:
-        n = i // S
-        s = i - n * S
         L = S - s
         if L > b - i:
             L = b - i
-        _bsum(dy + n * CS + s, x + n * CS + s, L, m, sdy, sxm)
+        _acc_sum(dy + n * CS + s, L, la)
+        _acc_dot(dy + n * CS + s, x + n * CS + s, L, m, lb)
         i += L
+        n += 1
+        s = 0
+    sdy[0] = _fold(la)
+    sxm[0] = _fold(lb)
 
 
 cdef void _nchw_dx(const floating* dy, const floating* x, floating* dx, idx_t S, idx_t CS,
                    idx_t a, idx_t b, double m, double k, double am, double q) noexcept nogil:
     cdef idx_t i, n, s, L
     i = a
+    n = i // S
+    s = i - n * S
     while i < b:
-        n = i // S
-        s = i - n * S
         L = S - s
         if L > b - i:
             L = b - i
         _dx(dy + n * CS + s, x + n * CS + s, dx + n * CS + s, L, m, k, am, q)
         i += L
+        n += 1
+        s = 0
 
 
 cdef void _nchw_forward_channel(const floating* x, floating* y, idx_t S, idx_t CS, idx_t M,
@@ -638,17 +648,22 @@ def nchw_normalize(const floating[:, :, ::1] x, const double[::1] mean,
     _check_vec(mean, C, "mean")
     _check_vec(scale, C, "scale")
     _check_vec(bias, C, "bias")
-    cdef idx_t nrows = N * C, r, c
-    cdef int nt = _team(nthreads, nrows, M * C)
+    # Blocks of whole rows (one row = one channel of one sample), about NCHW_CHUNK values.
+    cdef idx_t nrows = N * C, r, c, blk, e
+    cdef idx_t rb = _NCHW_CHUNK // S if S < _NCHW_CHUNK else 1
+    cdef idx_t nblk = _ceil_div(nrows, rb)
+    cdef int nt = _team(nthreads, nblk, M * C)
     cdef const floating* xp = &x[0, 0, 0]
     cdef floating* yp = &y[0, 0, 0]
     cdef const double* mp = &mean[0]
     cdef const double* sp = &scale[0]
     cdef const double* bp = &bias[0]
     with nogil:
-        for r in prange(nrows, schedule="static", num_threads=nt):
-            c = r % C
-            _apply(xp + r * S, yp + r * S, S, mp[c], sp[c], bp[c])
+        for blk in prange(nblk, schedule="static", num_threads=nt):
+            e = (blk + 1) * rb
+            if e > nrows:
+                e = nrows
+            _nchw_rows_apply(xp, yp, S, C, blk * rb, e, mp, sp, bp)
 
 
 def nchw_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
