@@ -37,7 +37,9 @@ from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
 from _openmp_helpers cimport (
+    FASTBN_BUILD_SIMD,
     FASTBN_OPENMP_ENABLED,
+    fastbn_cpu_has_x86_64_v3,
     fastbn_omp_get_max_threads,
     fastbn_openmp_version,
 )
@@ -101,6 +103,28 @@ def openmp_version():
         For example ``201511`` for OpenMP 4.5.
     """
     return fastbn_openmp_version()
+
+
+def build_simd():
+    """Return the widest SIMD instruction set this module was compiled for.
+
+    Returns
+    -------
+    str
+        ``"avx2"``, ``"avx"``, ``"sse2"`` or ``"generic"``.
+    """
+    return FASTBN_BUILD_SIMD.decode()
+
+
+def cpu_has_x86_64_v3():
+    """Return whether the running CPU (and OS) supports AVX, AVX2, FMA, BMI1/2 and POPCNT.
+
+    Returns
+    -------
+    bool
+        ``True`` when the x86-64-v3 build of the kernels can run here.
+    """
+    return bool(fastbn_cpu_has_x86_64_v3())
 
 
 # ---------------------------------------------------------------------------------------
@@ -289,11 +313,13 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
                         double* cnt, double* mean, double* m2) noexcept nogil:
     """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk.
 
-    Per chunk (in cache): ``mc = sum / k``, then ``sd = sum(x - mc)`` and
-    ``sdd = sum((x - mc)**2)``; the chunk partial is ``(k, mc + sd/k, sdd - sd**2/k)``.
+    Each chunk (in cache) is centred on ``K``: the mean of the chunks before it, or, for
+    the first chunk, its own float64 mean (one extra loop). Then ``sd = sum(x - K)`` and
+    ``sdd = sum((x - K)**2)`` give the exact partial ``(k, K + sd/k, sdd - sd**2/k)``,
+    merged with Chan's formula in chunk order.
     """
     cdef idx_t ca, cb, i, n, s, L
-    cdef double k, mc, sd, sdd, cm2
+    cdef double k, kc, sd, sdd, cm2
     cdef double lanes[16]
     cnt[0] = 0.0
     mean[0] = 0.0
@@ -304,6 +330,22 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
         if cb > b:
             cb = b
         k = <double>(cb - ca)
+        if ca == a:
+            _zero(lanes)
+            i = ca
+            n = i // S
+            s = i - n * S
+            while i < cb:
+                L = S - s
+                if L > cb - i:
+                    L = cb - i
+                _acc_sum(x + n * CS + s, L, lanes)
+                i += L
+                n += 1
+                s = 0
+            kc = _fold(lanes) / k
+        else:
+            kc = mean[0]
         _zero(lanes)
         i = ca
         n = i // S
@@ -312,20 +354,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
             L = S - s
             if L > cb - i:
                 L = cb - i
-            _acc_sum(x + n * CS + s, L, lanes)
-            i += L
-            n += 1
-            s = 0
-        mc = _fold(lanes) / k
-        _zero(lanes)
-        i = ca
-        n = i // S
-        s = i - n * S
-        while i < cb:
-            L = S - s
-            if L > cb - i:
-                L = cb - i
-            _acc_dev(x + n * CS + s, L, mc, lanes)
+            _acc_dev(x + n * CS + s, L, kc, lanes)
             i += L
             n += 1
             s = 0
@@ -338,7 +367,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
             L = S - s
             if L > cb - i:
                 L = cb - i
-            _acc_sq(x + n * CS + s, L, mc, lanes)
+            _acc_sq(x + n * CS + s, L, kc, lanes)
             i += L
             n += 1
             s = 0
@@ -346,7 +375,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
         cm2 = sdd - sd * sd / k
         if cm2 < 0.0:
             cm2 = 0.0
-        _chan(cnt, mean, m2, k, mc + sd / k, cm2)
+        _chan(cnt, mean, m2, k, kc + sd / k, cm2)
         ca = cb
 
 
@@ -804,8 +833,13 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
 # ---------------------------------------------------------------------------------------
 cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br,
                         double* smean, double* sm2, double* t) noexcept nogil:
-    """(mean, M2) per channel of rows ``[r0, r1)``, chunk by chunk; ``t`` is 3*C scratch."""
-    cdef double* mc = t
+    """(mean, M2) per channel of rows ``[r0, r1)``, chunk by chunk; ``t`` is 3*C scratch.
+
+    Each chunk of ``br`` rows is centred on ``K``: the running mean of the stripe's chunks
+    before it (one pass: ``sum(x - K)`` and ``sum((x - K)**2)`` together, vectorized across
+    channels), or, for the first chunk, its own float64 mean (one extra pass).
+    """
+    cdef double* kc = t
     cdef double* sd = t + C
     cdef double* sdd = t + 2 * C
     cdef idx_t ra, rb, r, c
@@ -817,26 +851,31 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
         if rb > r1:
             rb = r1
         k = <double>(rb - ra)
-        row = x + ra * C
-        for c in range(C):
-            mc[c] = row[c]
-        for r in range(ra + 1, rb):
-            row = x + r * C
+        if na == 0.0:
+            row = x + ra * C
             for c in range(C):
-                mc[c] = mc[c] + row[c]
+                kc[c] = row[c]
+            for r in range(ra + 1, rb):
+                row = x + r * C
+                for c in range(C):
+                    kc[c] = kc[c] + row[c]
+            for c in range(C):
+                kc[c] = kc[c] / k
+        else:
+            for c in range(C):
+                kc[c] = smean[c]
         for c in range(C):
-            mc[c] = mc[c] / k
             sd[c] = 0.0
             sdd[c] = 0.0
         for r in range(ra, rb):
             row = x + r * C
             for c in range(C):
-                d = row[c] - mc[c]
+                d = row[c] - kc[c]
                 sd[c] = sd[c] + d
                 sdd[c] = sdd[c] + d * d
         if na == 0.0:
             for c in range(C):
-                smean[c] = mc[c] + sd[c] / k
+                smean[c] = kc[c] + sd[c] / k
                 cm2 = sdd[c] - sd[c] * sd[c] / k
                 sm2[c] = cm2 if cm2 > 0.0 else 0.0
         else:
@@ -844,7 +883,7 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
             w = k / tot
             f = na * k / tot
             for c in range(C):
-                cm = mc[c] + sd[c] / k
+                cm = kc[c] + sd[c] / k
                 cm2 = sdd[c] - sd[c] * sd[c] / k
                 if cm2 < 0.0:
                     cm2 = 0.0

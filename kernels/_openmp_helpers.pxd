@@ -23,3 +23,30 @@ cdef extern from *:
     int fastbn_omp_get_max_threads() noexcept nogil
     int fastbn_omp_get_thread_num() noexcept nogil
     int fastbn_openmp_version() noexcept nogil
+
+
+# Runtime CPU check for the x86-64-v3 (AVX2 + FMA) build of the kernels.
+cdef extern from *:
+    """
+    #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+        static int fastbn_cpu_has_x86_64_v3(void) {
+            __builtin_cpu_init();
+            return __builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2")
+                && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi")
+                && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+        }
+    #else
+        static int fastbn_cpu_has_x86_64_v3(void) { return 0; }
+    #endif
+    #if defined(__AVX2__)
+        #define FASTBN_BUILD_SIMD "avx2"
+    #elif defined(__AVX__)
+        #define FASTBN_BUILD_SIMD "avx"
+    #elif defined(__SSE2__)
+        #define FASTBN_BUILD_SIMD "sse2"
+    #else
+        #define FASTBN_BUILD_SIMD "generic"
+    #endif
+    """
+    int fastbn_cpu_has_x86_64_v3() noexcept nogil
+    const char* FASTBN_BUILD_SIMD

@@ -7,11 +7,13 @@ fastbn's public API. Every failure message names the kernel, layout, dtype and s
 
 from __future__ import annotations
 
+import importlib
 import os
 import subprocess
 import sys
 import textwrap
 from concurrent.futures import ThreadPoolExecutor
+from types import ModuleType
 
 import numpy as np
 import pytest
@@ -137,9 +139,16 @@ def run(
     dy: np.ndarray | None = None,
     inplace: bool = False,
     seed: int = 0,
+    module: ModuleType | None = None,
 ) -> dict[str, np.ndarray]:
-    """Call one kernel of the table with deterministic parameters; return its outputs."""
-    k = cython_cpu.kernels(layout)[kernel]
+    """Call one kernel of the table with deterministic parameters; return its outputs.
+
+    `module` calls that compiled extension directly instead of the backend's table.
+    """
+    if module is None:
+        k = cython_cpu.kernels(layout)[kernel]
+    else:
+        k = getattr(module, f"{layout}_{kernel}")
     c = x.shape[1]
     weight, bias = _params(c, seed)
     mean, var = ref.moments(x)
@@ -395,6 +404,34 @@ def test_concurrent_python_threads() -> None:
         for name, value in want.items():
             what = _what(k, lay, x, f"output={name} concurrent")
             assert value.tobytes() == got[name].tobytes(), what
+
+
+def _builds() -> list[ModuleType]:
+    mods = [importlib.import_module("fastbn._cython_kernels")]
+    try:
+        v3 = importlib.import_module("fastbn._cython_kernels_v3")
+    except ImportError:
+        return mods
+    return [*mods, v3] if mods[0].cpu_has_x86_64_v3() else mods
+
+
+@pytest.mark.skipif(len(_builds()) < 2, reason="no x86-64-v3 build or CPU without AVX2")
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("case", BIG_CASES + CASES[:8], ids=_case_id)
+@pytest.mark.parametrize("kernel", KERNELS)
+def test_simd_builds_give_the_same_bits(
+    kernel: str, case: tuple[str, tuple[int, ...]], dtype: type
+) -> None:
+    """The portable and the x86-64-v3 builds of the kernels agree bit for bit."""
+    base, v3 = _builds()
+    layout, shape = case
+    x = _data(shape, layout, dtype, seed=11)
+    dy = _data(shape, layout, dtype, seed=12, offset=0.5, spread=1.0)
+    a = run(kernel, layout, x, 2, dy=dy, module=base)
+    b = run(kernel, layout, x, 2, dy=dy, module=v3)
+    for name, value in a.items():
+        what = _what(kernel, layout, x, f"output={name} {base.build_simd()} vs avx2 build")
+        assert value.tobytes() == b[name].tobytes(), what
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

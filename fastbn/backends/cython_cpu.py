@@ -1,9 +1,14 @@
 """The Cython/OpenMP backend: compiled kernels, no JIT compilation at all.
 
 The kernels live in the extension module ``fastbn._cython_kernels`` (sources in
-``kernels/``), built by meson with OpenMP when the compiler has it. This module only fills
-the backend table of ``fastbn/backends/CONTRACT.md``: ``kernels(layout)`` returns the
-compiled functions themselves, so a call goes straight from the dispatch layer into C.
+``kernels/``), built by meson with OpenMP when the compiler has it. On x86-64 the build also
+compiles the same source for x86-64-v3 (AVX2) as ``fastbn._cython_kernels_v3``; it is used
+when the CPU supports it (both give the same bits; the AVX2 one is faster). Set the
+environment variable ``FASTBN_CYTHON_SIMD`` to ``baseline`` (or ``v3``) to force a build.
+
+This module only fills the backend table of ``fastbn/backends/CONTRACT.md``:
+``kernels(layout)`` returns the compiled functions themselves, so a call goes straight from
+the dispatch layer into C.
 
 It never imports numba: using this backend compiles nothing at run time.
 """
@@ -11,6 +16,7 @@ It never imports numba: using this backend compiles nothing at run time.
 from __future__ import annotations
 
 import importlib
+import os
 from collections.abc import Callable
 from types import ModuleType
 from typing import Any
@@ -39,10 +45,38 @@ KERNEL_NAMES: tuple[str, ...] = (
 
 _LAYOUTS = ("nchw", "nhwc")
 _EXTENSION = "fastbn._cython_kernels"
+_EXTENSION_V3 = "fastbn._cython_kernels_v3"
+_SIMD_ENV = "FASTBN_CYTHON_SIMD"
 
 _module: ModuleType | None = None
 _import_error: str | None = None
 _tables: dict[str, dict[str, Callable[..., None]]] = {}
+
+
+def _pick(base: ModuleType) -> ModuleType:
+    """Choose the x86-64-v3 build when the CPU has AVX2 (unless told otherwise).
+
+    Parameters
+    ----------
+    base : module
+        The portable build, which also reports the CPU's features.
+
+    Returns
+    -------
+    module
+        The build to use.
+    """
+    want = os.environ.get(_SIMD_ENV, "auto").strip().lower() or "auto"
+    if want not in ("auto", "baseline", "v3"):
+        raise ValueError(f"{_SIMD_ENV} must be 'auto', 'baseline' or 'v3', got {want!r}")
+    if want == "baseline" or not base.cpu_has_x86_64_v3():
+        return base
+    try:
+        return importlib.import_module(_EXTENSION_V3)
+    except ImportError:
+        if want == "v3":
+            raise
+        return base
 
 
 def _extension() -> ModuleType | None:
@@ -51,12 +85,13 @@ def _extension() -> ModuleType | None:
     Returns
     -------
     module or None
-        ``fastbn._cython_kernels``, or ``None`` when it is not importable.
+        ``fastbn._cython_kernels`` (or its x86-64-v3 twin), or ``None`` when it is not
+        importable.
     """
     global _module, _import_error
     if _module is None and _import_error is None:
         try:
-            _module = importlib.import_module(_EXTENSION)
+            _module = _pick(importlib.import_module(_EXTENSION))
         except ImportError as exc:
             _import_error = f"{type(exc).__name__}: {exc}"
     return _module
@@ -159,12 +194,16 @@ def build_info() -> dict[str, Any]:
     Returns
     -------
     dict
-        ``available``, ``openmp`` (compiled in), ``openmp_version`` (the ``_OPENMP`` date,
-        0 without OpenMP), ``max_threads`` and ``reason`` (empty when available).
+        ``available``, ``module`` (the extension in use), ``simd`` (the instruction set
+        it was compiled for), ``openmp`` (compiled in), ``openmp_version`` (the
+        ``_OPENMP`` date, 0 without OpenMP), ``max_threads`` and ``reason`` (empty when
+        available).
     """
     mod = _extension()
     return {
         "available": mod is not None,
+        "module": mod.__name__ if mod is not None else "",
+        "simd": mod.build_simd() if mod is not None else "",
         "openmp": openmp_enabled(),
         "openmp_version": int(mod.openmp_version()) if mod is not None else 0,
         "max_threads": max_threads(),
