@@ -42,6 +42,7 @@ from _openmp_helpers cimport (
     fastbn_cpu_has_x86_64_v3,
     fastbn_omp_get_max_threads,
     fastbn_openmp_version,
+    fastbn_prefetch,
 )
 
 ctypedef Py_ssize_t idx_t
@@ -309,6 +310,27 @@ cdef inline void _chan(double* na, double* ma, double* m2a,
 # NCHW building blocks. `x` points at the first value of one channel (x + c*S); rows of
 # that channel are `CS` values apart; `[a, b)` is a range of the flattened (n, s) index.
 # ---------------------------------------------------------------------------------------
+cdef void _nchw_prefetch(const floating* x, idx_t S, idx_t CS, idx_t a,
+                         idx_t b) noexcept nogil:
+    """Prefetch (into L2) the values ``[a, b)`` of one channel, one call per cache line."""
+    cdef idx_t i, n, s, L, j
+    cdef idx_t step = 64 // sizeof(floating)
+    i = a
+    n = i // S
+    s = i - n * S
+    while i < b:
+        L = S - s
+        if L > b - i:
+            L = b - i
+        j = 0
+        while j < L:
+            fastbn_prefetch(x + n * CS + s + j)
+            j += step
+        i += L
+        n += 1
+        s = 0
+
+
 cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
                         double* cnt, double* mean, double* m2) noexcept nogil:
     """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk.
@@ -346,6 +368,8 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
             kc = _fold(lanes) / k
         else:
             kc = mean[0]
+        # The next chunk streams in from memory while this one is worked on in cache.
+        _nchw_prefetch(x, S, CS, cb, cb + _NCHW_CHUNK if cb + _NCHW_CHUNK < b else b)
         _zero(lanes)
         i = ca
         n = i // S

@@ -50,3 +50,15 @@ cdef extern from *:
     """
     int fastbn_cpu_has_x86_64_v3() noexcept nogil
     const char* FASTBN_BUILD_SIMD
+
+
+# Software prefetch into L2 (a no-op for compilers without __builtin_prefetch).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+        #define fastbn_prefetch(p) __builtin_prefetch((const void*)(p), 0, 2)
+    #else
+        #define fastbn_prefetch(p) ((void)0)
+    #endif
+    """
+    void fastbn_prefetch(const void* p) noexcept nogil
