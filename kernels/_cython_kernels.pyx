@@ -55,7 +55,7 @@ cdef enum:
     _NCHW_STRIPE_MAX_C = 16
     _NCHW_TARGET_UNITS = 32
     _NCHW_MIN_STRIPE_CHUNKS = 16
-    _NHWC_CHUNK = 8192
+    _NHWC_CHUNK = 32768
     _NHWC_MAX_STRIPES = 32
     # Below this many values a call runs on one thread (same grid, hence same result).
     _SERIAL_WORK = 32768
@@ -867,7 +867,7 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
     cdef double* sd = t + C
     cdef double* sdd = t + 2 * C
     cdef idx_t ra, rb, r, c
-    cdef double na = 0.0, k, tot, w, f, d, cm, cm2
+    cdef double na = 0.0, k, ik, tot, w, f, d, cm, cm2
     cdef const floating* row
     ra = r0
     while ra < r1:
@@ -897,18 +897,19 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
                 d = row[c] - kc[c]
                 sd[c] = sd[c] + d
                 sdd[c] = sdd[c] + d * d
+        ik = 1.0 / k
         if na == 0.0:
             for c in range(C):
-                smean[c] = kc[c] + sd[c] / k
-                cm2 = sdd[c] - sd[c] * sd[c] / k
+                smean[c] = kc[c] + sd[c] * ik
+                cm2 = sdd[c] - sd[c] * sd[c] * ik
                 sm2[c] = cm2 if cm2 > 0.0 else 0.0
         else:
             tot = na + k
             w = k / tot
             f = na * k / tot
             for c in range(C):
-                cm = kc[c] + sd[c] / k
-                cm2 = sdd[c] - sd[c] * sd[c] / k
+                cm = kc[c] + sd[c] * ik
+                cm2 = sdd[c] - sd[c] * sd[c] * ik
                 if cm2 < 0.0:
                     cm2 = 0.0
                 d = cm - smean[c]

@@ -34,7 +34,7 @@ RTOL = {np.dtype(np.float32): 1e-5, np.dtype(np.float64): 1e-12}
 EPS = 1e-5
 
 # Shapes chosen around the fixed grid: C=1, M=1 and 2, odd sizes, sizes that do not divide
-# the chunks (4096 values per NCHW chunk, 8192 // C rows per NHWC chunk), NCHW channels cut
+# the chunks (4096 values per NCHW chunk, 32768 // C rows per NHWC chunk), NCHW channels cut
 # into several stripes (C < 16 and M >= 32 chunks), NHWC stripes with a short last one,
 # NHWC with C larger than a chunk (one row per chunk).
 NCHW_SHAPES = [
@@ -65,6 +65,7 @@ NHWC_SHAPES = [
     (70_001, 3),
     (33_000, 64),
     (100, 8193),
+    (3, 40_000),
     (2049, 129),
 ]
 CASES = [("nchw", s) for s in NCHW_SHAPES] + [("nhwc", s) for s in NHWC_SHAPES]
@@ -300,6 +301,7 @@ BIG_CASES = [
     ("nhwc", (70_001, 3)),
     ("nhwc", (33_000, 64)),
     ("nhwc", (100, 8193)),
+    ("nhwc", (3, 40_000)),
     ("nhwc", (2049, 129)),
 ]
 
