@@ -12,23 +12,29 @@ merged in a fixed order after the parallel loops.
 Grid
 ----
 NCHW. A channel's ``M = N*S`` values are read in flattened ``(n, s)`` order and cut into
-chunks of ``NCHW_CHUNK`` values (the last one shorter). Each chunk gives an exact
-``(count, mean, M2)`` partial (two passes over the cached chunk: sum, then the sum of
-squared deviations with the ``-(sum d)**2/n`` correction); partials are merged with Chan's
-formula in chunk order. When ``C >= NCHW_STRIPE_MAX_C`` (or the channel is short) a work
-unit is a whole channel: its statistics are computed and the channel is normalized (or its
-backward sums computed and ``dx`` written) while it is still in cache. When ``C`` is
-smaller, each channel is cut into ``ceil(NCHW_TARGET_UNITS / C)`` stripes of whole chunks,
-each at least ``NCHW_MIN_STRIPE_CHUNKS`` chunks long, so that several cores share a channel;
-stripe partials are merged in stripe order before a second parallel pass normalizes.
+chunks of ``NCHW_CHUNK`` values (the last one shorter). Each chunk, while in L1, is centred
+on ``K`` (the running mean of the chunks before it in its stripe; for a stripe's first chunk
+its own float64 mean, one extra loop) and gives the exact partial
+``(k, K + sd/k, sdd - sd**2/k)`` from ``sd = sum(x - K)``, ``sdd = sum((x - K)**2)``;
+partials are merged with Chan's formula in chunk order. The next chunk is prefetched
+meanwhile. When ``C >= NCHW_STRIPE_MAX_C`` (or the channel is short) a work unit is a whole
+channel: its statistics are computed and the channel is normalized (or its backward sums
+computed and ``dx`` written) while it is still in cache. When ``C`` is smaller, each
+channel is cut into ``min(ceil(NCHW_TARGET_UNITS / C), nchunks // NCHW_MIN_STRIPE_CHUNKS)``
+stripes of whole chunks so that several cores share a channel; stripe partials are merged
+in stripe order before a second parallel pass normalizes (or writes ``dx``).
 
 NHWC. Rows are cut into chunks of ``max(1, NHWC_CHUNK // C)`` rows and chunks into at most
 ``NHWC_MAX_STRIPES`` stripes of whole chunks. Inner loops run across the contiguous
-channels (vectorized); each stripe owns ``(mean, M2)`` (or the two backward sums) arrays of
-``C`` float64 values, so temporary memory is ``O(C * NHWC_MAX_STRIPES)``. Stripes are merged
-in stripe order.
+channels (vectorized). Statistics: each chunk is centred on the stripe's running mean (its
+own mean for a stripe's first chunk), so later chunks are read once. Each stripe owns
+``(mean, M2)`` (or the two backward sums) arrays of ``C`` float64 values, so temporary
+memory is ``O(C * NHWC_MAX_STRIPES)`` plus ``3*C`` per thread. Stripes are merged in stripe
+order.
 
-Elementwise maths is done in float64 and rounded once to the data type.
+All reductions use 16 float64 lanes with a fixed fold, so the bits do not depend on the
+thread count nor on the SIMD width the compiler chose (the portable and x86-64-v3 builds
+agree). Elementwise maths is done in float64 and rounded once to the data type.
 """
 
 from cython cimport floating
