@@ -508,3 +508,19 @@ def test_cython_path_imports_no_numba() -> None:
     )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.strip().endswith("ok")
+
+
+@pytest.mark.parametrize("choice", ["baseline", "auto"])
+def test_simd_choice_from_environment(choice: str) -> None:
+    """FASTBN_CYTHON_SIMD=baseline forces the portable build; auto takes AVX2 if it can."""
+    code = "from fastbn.backends import cython_cpu; print(cython_cpu.build_info()['module'])"
+    env = {**os.environ, "FASTBN_CYTHON_SIMD": choice}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr
+    module = proc.stdout.strip()
+    if choice == "baseline" or len(_builds()) < 2:
+        assert module == "fastbn._cython_kernels"
+    else:
+        assert module == "fastbn._cython_kernels_v3"
