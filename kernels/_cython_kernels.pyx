@@ -118,7 +118,7 @@ def build_simd():
     Returns
     -------
     str
-        ``"avx2"``, ``"avx"``, ``"sse2"`` or ``"generic"``.
+        ``"avx512f"``, ``"avx2"``, ``"avx"``, ``"sse2"`` or ``"generic"``.
     """
     return FASTBN_BUILD_SIMD.decode()
 

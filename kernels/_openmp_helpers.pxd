@@ -38,7 +38,9 @@ cdef extern from *:
     #else
         static int fastbn_cpu_has_x86_64_v3(void) { return 0; }
     #endif
-    #if defined(__AVX2__)
+    #if defined(__AVX512F__)
+        #define FASTBN_BUILD_SIMD "avx512f"
+    #elif defined(__AVX2__)
         #define FASTBN_BUILD_SIMD "avx2"
     #elif defined(__AVX__)
         #define FASTBN_BUILD_SIMD "avx"
