@@ -1,0 +1,1250 @@
+# cython: language_level=3, boundscheck=False, wraparound=False, cdivision=True
+# cython: initializedcheck=False, nonecheck=False, embedsignature=True
+"""Cython/OpenMP batch-normalization kernels on fastbn's two canonical views.
+
+The kernels follow ``fastbn/backends/CONTRACT.md``: ``nchw_*`` take C-contiguous
+``(N, C, S)`` arrays, ``nhwc_*`` take C-contiguous ``(R, C)`` arrays; every per-channel array
+is a C-contiguous float64 array of shape ``(C,)``; ``nthreads`` is explicit on every
+parallel region. Results are bitwise identical for every ``nthreads``: work is cut into a
+fixed grid of chunks and stripes that depends on the shape only, and partial results are
+merged in a fixed order after the parallel loops.
+
+Grid
+----
+NCHW. A channel's ``M = N*S`` values are read in flattened ``(n, s)`` order and cut into
+chunks of ``NCHW_CHUNK`` values (the last one shorter). Each chunk, while in L1, is centred
+on ``K`` (the running mean of the chunks before it in its stripe; for a stripe's first chunk
+its own float64 mean, one extra loop) and gives the exact partial
+``(k, K + sd/k, sdd - sd**2/k)`` from ``sd = sum(x - K)``, ``sdd = sum((x - K)**2)``;
+partials are merged with Chan's formula in chunk order. The next chunk is prefetched
+meanwhile. When ``C >= NCHW_STRIPE_MAX_C`` (or the channel is short) a work unit is a whole
+channel: its statistics are computed and the channel is normalized (or its backward sums
+computed and ``dx`` written) while it is still in cache. When ``C`` is smaller, each
+channel is cut into ``min(ceil(NCHW_TARGET_UNITS / C), nchunks // NCHW_MIN_STRIPE_CHUNKS)``
+stripes of whole chunks so that several cores share a channel; stripe partials are merged
+in stripe order before a second parallel pass normalizes (or writes ``dx``).
+
+NHWC. Rows are cut into chunks of ``max(1, NHWC_CHUNK // C)`` rows and chunks into at most
+``NHWC_MAX_STRIPES`` stripes of whole chunks. Inner loops run across the contiguous
+channels (vectorized). Statistics: each chunk is centred on the stripe's running mean (its
+own mean for a stripe's first chunk), so later chunks are read once. Each stripe owns
+``(mean, M2)`` (or the two backward sums) arrays of ``C`` float64 values, so temporary
+memory is ``O(C * NHWC_MAX_STRIPES)`` plus ``3*C`` per thread. Stripes are merged in stripe
+order.
+
+All reductions use 16 float64 lanes with a fixed fold, so the bits do not depend on the
+thread count nor on the SIMD width the compiler chose (the portable and x86-64-v3 builds
+agree). Elementwise maths is done in float64 and rounded once to the data type.
+"""
+
+from cython cimport floating
+from cython.parallel cimport prange, threadid
+from libc.math cimport sqrt
+from libc.stdlib cimport free, malloc
+
+from _openmp_helpers cimport (
+    FASTBN_BUILD_SIMD,
+    FASTBN_OPENMP_ENABLED,
+    fastbn_cpu_has_x86_64_v3,
+    fastbn_omp_get_max_threads,
+    fastbn_openmp_version,
+    fastbn_prefetch,
+)
+
+ctypedef Py_ssize_t idx_t
+
+# ---------------------------------------------------------------------------------------
+# Grid constants (shape-only rules; never change them with the thread count)
+# ---------------------------------------------------------------------------------------
+cdef enum:
+    _NCHW_CHUNK = 4096
+    _NCHW_STRIPE_MAX_C = 16
+    _NCHW_TARGET_UNITS = 32
+    _NCHW_MIN_STRIPE_CHUNKS = 16
+    _NHWC_CHUNK = 32768
+    _NHWC_MAX_STRIPES = 32
+    # Below this many values a call runs on one thread (same grid, hence same result).
+    _SERIAL_WORK = 32768
+
+NCHW_CHUNK = _NCHW_CHUNK
+NCHW_STRIPE_MAX_C = _NCHW_STRIPE_MAX_C
+NCHW_TARGET_UNITS = _NCHW_TARGET_UNITS
+NCHW_MIN_STRIPE_CHUNKS = _NCHW_MIN_STRIPE_CHUNKS
+NHWC_CHUNK = _NHWC_CHUNK
+NHWC_MAX_STRIPES = _NHWC_MAX_STRIPES
+SERIAL_WORK = _SERIAL_WORK
+
+
+# ---------------------------------------------------------------------------------------
+# Build information
+# ---------------------------------------------------------------------------------------
+def openmp_enabled():
+    """Return whether the extension was compiled with OpenMP.
+
+    Returns
+    -------
+    bool
+        ``True`` when the kernels run their parallel regions with OpenMP; ``False`` when
+        the build had no OpenMP and every kernel runs serially.
+    """
+    return bool(FASTBN_OPENMP_ENABLED)
+
+
+def openmp_max_threads():
+    """Return ``omp_get_max_threads()`` as the OpenMP runtime sees it (1 without OpenMP).
+
+    Returns
+    -------
+    int
+        The default team size of the OpenMP runtime (honours ``OMP_NUM_THREADS``).
+    """
+    return fastbn_omp_get_max_threads()
+
+
+def openmp_version():
+    """Return the ``_OPENMP`` date macro the extension was compiled with (0 without OpenMP).
+
+    Returns
+    -------
+    int
+        For example ``201511`` for OpenMP 4.5.
+    """
+    return fastbn_openmp_version()
+
+
+def build_simd():
+    """Return the widest SIMD instruction set this module was compiled for.
+
+    Returns
+    -------
+    str
+        ``"avx512f"``, ``"avx2"``, ``"avx"``, ``"sse2"`` or ``"generic"``.
+    """
+    return FASTBN_BUILD_SIMD.decode()
+
+
+def cpu_has_x86_64_v3():
+    """Return whether the running CPU (and OS) supports AVX, AVX2, FMA, BMI1/2 and POPCNT.
+
+    Returns
+    -------
+    bool
+        ``True`` when the x86-64-v3 build of the kernels can run here.
+    """
+    return bool(fastbn_cpu_has_x86_64_v3())
+
+
+# ---------------------------------------------------------------------------------------
+# Grid helpers
+# ---------------------------------------------------------------------------------------
+cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
+    return (a + b - 1) // b
+
+
+cdef inline idx_t _nchw_stripe_len(idx_t C, idx_t M) noexcept nogil:
+    """Length (in values, a multiple of the chunk) of one stripe of an NCHW channel."""
+    cdef idx_t nchunks = _ceil_div(M, _NCHW_CHUNK)
+    cdef idx_t want, most, ns, per
+    if C >= _NCHW_STRIPE_MAX_C:
+        return nchunks * _NCHW_CHUNK
+    want = _ceil_div(_NCHW_TARGET_UNITS, C)
+    most = nchunks // _NCHW_MIN_STRIPE_CHUNKS
+    ns = want if want < most else most
+    if ns < 1:
+        ns = 1
+    per = _ceil_div(nchunks, ns)
+    return per * _NCHW_CHUNK
+
+
+cdef inline idx_t _nhwc_chunk_rows(idx_t C) noexcept nogil:
+    cdef idx_t br = _NHWC_CHUNK // C
+    return br if br > 1 else 1
+
+
+cdef inline idx_t _nhwc_stripe_rows(idx_t R, idx_t C) noexcept nogil:
+    cdef idx_t br = _nhwc_chunk_rows(C)
+    cdef idx_t nchunks = _ceil_div(R, br)
+    cdef idx_t ns = nchunks if nchunks < _NHWC_MAX_STRIPES else _NHWC_MAX_STRIPES
+    return _ceil_div(nchunks, ns) * br
+
+
+cdef inline int _team(int nthreads, idx_t nunits, idx_t work) noexcept nogil:
+    """Threads for a parallel region: never more than the units, 1 for small work."""
+    if work < _SERIAL_WORK or nthreads < 1:
+        return 1
+    if nthreads > nunits:
+        return <int>nunits
+    return nthreads
+
+
+def grid(layout, shape):
+    """Describe the fixed work grid the kernels use for a canonical shape.
+
+    Parameters
+    ----------
+    layout : {"nchw", "nhwc"}
+        The canonical view.
+    shape : tuple of int
+        ``(N, C, S)`` for ``"nchw"``, ``(R, C)`` for ``"nhwc"``.
+
+    Returns
+    -------
+    dict
+        ``chunk`` (values per NCHW chunk, or rows per NHWC chunk), ``stripe`` (values per
+        NCHW stripe, or rows per NHWC stripe), ``stripes`` (stripes per channel for NCHW,
+        stripes over the rows for NHWC) and ``fused`` (NCHW: whether a channel is
+        normalized while in cache).
+    """
+    cdef idx_t N, C, S, R, M, sl
+    if layout == "nchw":
+        N, C, S = shape
+        M = N * S
+        sl = _nchw_stripe_len(C, M)
+        return {"chunk": _NCHW_CHUNK, "stripe": sl, "stripes": _ceil_div(M, sl),
+                "fused": _ceil_div(M, sl) == 1}
+    if layout == "nhwc":
+        R, C = shape
+        sl = _nhwc_stripe_rows(R, C)
+        return {"chunk": _nhwc_chunk_rows(C), "stripe": sl, "stripes": _ceil_div(R, sl),
+                "fused": False}
+    raise ValueError(f"layout must be 'nchw' or 'nhwc', got {layout!r}")
+
+
+# ---------------------------------------------------------------------------------------
+# Contiguous-run primitives. Each is ONE reduction into 16 independent float64 lanes, so
+# gcc vectorizes it without reassociating anything (-O3, no -ffast-math): the order of the
+# additions is fixed by the code, whatever the instruction set. (gcc 12 does not vectorize
+# two reductions in one loop, hence one loop per sum over the cached data.)
+# ---------------------------------------------------------------------------------------
+cdef enum:
+    _LANES = 16
+
+
+cdef inline double _fold(const double* a) noexcept nogil:
+    """Add the 16 lanes in a fixed tree."""
+    return (((a[0] + a[1]) + (a[2] + a[3])) + ((a[4] + a[5]) + (a[6] + a[7]))) + (
+        ((a[8] + a[9]) + (a[10] + a[11])) + ((a[12] + a[13]) + (a[14] + a[15])))
+
+
+cdef inline void _zero(double* a) noexcept nogil:
+    cdef int l
+    for l in range(16):
+        a[l] = 0.0
+
+
+cdef inline void _acc_sum(const floating* p, idx_t n, double* a) noexcept nogil:
+    """Lanes ``a`` += ``p`` (value ``i`` goes to lane ``i % 16``)."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    for i in range(0, n16, 16):
+        for l in range(16):
+            a[l] += p[i + l]
+    for i in range(n16, n):
+        a[i - n16] += p[i]
+
+
+cdef inline void _acc_dev(const floating* p, idx_t n, double m, double* a) noexcept nogil:
+    """Lanes ``a`` += ``p - m``."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    for i in range(0, n16, 16):
+        for l in range(16):
+            a[l] += p[i + l] - m
+    for i in range(n16, n):
+        a[i - n16] += p[i] - m
+
+
+cdef inline void _acc_sq(const floating* p, idx_t n, double m, double* a) noexcept nogil:
+    """Lanes ``a`` += ``(p - m)**2``."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    cdef double t
+    for i in range(0, n16, 16):
+        for l in range(16):
+            t = p[i + l] - m
+            a[l] += t * t
+    for i in range(n16, n):
+        t = p[i] - m
+        a[i - n16] += t * t
+
+
+cdef inline void _acc_dot(const floating* g, const floating* p, idx_t n, double m,
+                          double* a) noexcept nogil:
+    """Lanes ``a`` += ``g * (p - m)``."""
+    cdef idx_t i, n16 = n - n % 16
+    cdef int l
+    for i in range(0, n16, 16):
+        for l in range(16):
+            a[l] += g[i + l] * (p[i + l] - m)
+    for i in range(n16, n):
+        a[i - n16] += g[i] * (p[i] - m)
+
+
+cdef inline void _apply(const floating* x, floating* y, idx_t n,
+                        double m, double sc, double b) noexcept nogil:
+    """``y = (x - m) * sc + b`` in float64, rounded once."""
+    cdef idx_t i
+    for i in range(n):
+        y[i] = <floating>((x[i] - m) * sc + b)
+
+
+cdef inline void _dx(const floating* dy, const floating* x, floating* dx, idx_t n,
+                     double m, double k, double a, double q) noexcept nogil:
+    """``dx = k * ((dy - a) - (x - m) * q)`` in float64, rounded once."""
+    cdef idx_t i
+    for i in range(n):
+        dx[i] = <floating>(k * ((dy[i] - a) - (x[i] - m) * q))
+
+
+cdef inline void _chan(double* na, double* ma, double* m2a,
+                       double nb, double mb, double m2b) noexcept nogil:
+    """Merge the partial ``(nb, mb, m2b)`` into ``(na, ma, m2a)`` (Chan et al.)."""
+    cdef double n, d
+    if na[0] == 0.0:
+        na[0] = nb
+        ma[0] = mb
+        m2a[0] = m2b
+        return
+    n = na[0] + nb
+    d = mb - ma[0]
+    ma[0] = ma[0] + d * (nb / n)
+    m2a[0] = m2a[0] + m2b + d * d * (na[0] * nb / n)
+    na[0] = n
+
+
+# ---------------------------------------------------------------------------------------
+# NCHW building blocks. `x` points at the first value of one channel (x + c*S); rows of
+# that channel are `CS` values apart; `[a, b)` is a range of the flattened (n, s) index.
+# ---------------------------------------------------------------------------------------
+cdef void _nchw_prefetch(const floating* x, idx_t S, idx_t CS, idx_t a,
+                         idx_t b) noexcept nogil:
+    """Prefetch (into L2) the values ``[a, b)`` of one channel, one call per cache line."""
+    cdef idx_t i, n, s, L, j
+    cdef idx_t step = 64 // sizeof(floating)
+    i = a
+    n = i // S
+    s = i - n * S
+    while i < b:
+        L = S - s
+        if L > b - i:
+            L = b - i
+        j = 0
+        while j < L:
+            fastbn_prefetch(x + n * CS + s + j)
+            j += step
+        i += L
+        n += 1
+        s = 0
+
+
+cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
+                        double* cnt, double* mean, double* m2) noexcept nogil:
+    """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk.
+
+    Each chunk (in cache) is centred on ``K``: the mean of the chunks before it, or, for
+    the first chunk, its own float64 mean (one extra loop). Then ``sd = sum(x - K)`` and
+    ``sdd = sum((x - K)**2)`` give the exact partial ``(k, K + sd/k, sdd - sd**2/k)``,
+    merged with Chan's formula in chunk order.
+    """
+    cdef idx_t ca, cb, i, n, s, L
+    cdef double k, kc, sd, sdd, cm2
+    cdef double lanes[16]
+    cnt[0] = 0.0
+    mean[0] = 0.0
+    m2[0] = 0.0
+    ca = a
+    while ca < b:
+        cb = ca + _NCHW_CHUNK
+        if cb > b:
+            cb = b
+        k = <double>(cb - ca)
+        if ca == a:
+            _zero(lanes)
+            i = ca
+            n = i // S
+            s = i - n * S
+            while i < cb:
+                L = S - s
+                if L > cb - i:
+                    L = cb - i
+                _acc_sum(x + n * CS + s, L, lanes)
+                i += L
+                n += 1
+                s = 0
+            kc = _fold(lanes) / k
+        else:
+            kc = mean[0]
+        # The next chunk streams in from memory while this one is worked on in cache.
+        _nchw_prefetch(x, S, CS, cb, cb + _NCHW_CHUNK if cb + _NCHW_CHUNK < b else b)
+        _zero(lanes)
+        i = ca
+        n = i // S
+        s = i - n * S
+        while i < cb:
+            L = S - s
+            if L > cb - i:
+                L = cb - i
+            _acc_dev(x + n * CS + s, L, kc, lanes)
+            i += L
+            n += 1
+            s = 0
+        sd = _fold(lanes)
+        _zero(lanes)
+        i = ca
+        n = i // S
+        s = i - n * S
+        while i < cb:
+            L = S - s
+            if L > cb - i:
+                L = cb - i
+            _acc_sq(x + n * CS + s, L, kc, lanes)
+            i += L
+            n += 1
+            s = 0
+        sdd = _fold(lanes)
+        cm2 = sdd - sd * sd / k
+        if cm2 < 0.0:
+            cm2 = 0.0
+        _chan(cnt, mean, m2, k, kc + sd / k, cm2)
+        ca = cb
+
+
+cdef void _nchw_apply(const floating* x, floating* y, idx_t S, idx_t CS, idx_t a, idx_t b,
+                      double m, double sc, double bias) noexcept nogil:
+    cdef idx_t i, n, s, L
+    i = a
+    n = i // S
+    s = i - n * S
+    while i < b:
+        L = S - s
+        if L > b - i:
+            L = b - i
+        _apply(x + n * CS + s, y + n * CS + s, L, m, sc, bias)
+        i += L
+        n += 1
+        s = 0
+
+
+cdef void _nchw_rows_apply(const floating* x, floating* y, idx_t S, idx_t C, idx_t r0,
+                           idx_t r1, const double* m, const double* sc,
+                           const double* b) noexcept nogil:
+    """Normalize rows ``[r0, r1)`` of the ``(N*C, S)`` view, channel ``r % C``."""
+    cdef idx_t r, c = r0 % C
+    for r in range(r0, r1):
+        _apply(x + r * S, y + r * S, S, m[c], sc[c], b[c])
+        c += 1
+        if c == C:
+            c = 0
+
+
+cdef void _nchw_bsums(const floating* dy, const floating* x, idx_t S, idx_t CS,
+                      idx_t a, idx_t b, double m, double* sdy, double* sxm) noexcept nogil:
+    """``sum(dy)`` and ``sum(dy * (x - m))`` over ``[a, b)`` of one channel (16 lanes)."""
+    cdef idx_t i, n, s, L
+    cdef double la[16]
+    cdef double lb[16]
+    _zero(la)
+    _zero(lb)
+    i = a
+    n = i // S
+    s = i - n * S
+    while i < b:
+        L = S - s
+        if L > b - i:
+            L = b - i
+        _acc_sum(dy + n * CS + s, L, la)
+        _acc_dot(dy + n * CS + s, x + n * CS + s, L, m, lb)
+        i += L
+        n += 1
+        s = 0
+    sdy[0] = _fold(la)
+    sxm[0] = _fold(lb)
+
+
+cdef void _nchw_dx(const floating* dy, const floating* x, floating* dx, idx_t S, idx_t CS,
+                   idx_t a, idx_t b, double m, double k, double am, double q) noexcept nogil:
+    cdef idx_t i, n, s, L
+    i = a
+    n = i // S
+    s = i - n * S
+    while i < b:
+        L = S - s
+        if L > b - i:
+            L = b - i
+        _dx(dy + n * CS + s, x + n * CS + s, dx + n * CS + s, L, m, k, am, q)
+        i += L
+        n += 1
+        s = 0
+
+
+cdef void _nchw_forward_channel(const floating* x, floating* y, idx_t S, idx_t CS, idx_t M,
+                                double w, double bias, double eps,
+                                double* mean, double* var, double* invstd) noexcept nogil:
+    """Statistics of one whole channel, then normalize it while it is in cache."""
+    cdef double cnt, m, m2, v, inv
+    _nchw_moments(x, S, CS, 0, M, &cnt, &m, &m2)
+    v = m2 / <double>M
+    inv = 1.0 / sqrt(v + eps)
+    mean[0] = m
+    var[0] = v
+    invstd[0] = inv
+    _nchw_apply(x, y, S, CS, 0, M, m, w * inv, bias)
+
+
+cdef void _nchw_backward_channel(const floating* dy, const floating* x, floating* dx,
+                                 idx_t S, idx_t CS, idx_t M, double m, double inv, double w,
+                                 double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+    """Backward sums of one whole channel, then its ``dx`` while it is in cache."""
+    cdef double sdy, sxm
+    _nchw_bsums(dy, x, S, CS, 0, M, m, &sdy, &sxm)
+    sum_dy[0] = sdy
+    sum_dy_xmu[0] = sxm
+    _nchw_dx(dy, x, dx, S, CS, 0, M, m, w * inv, sdy / <double>M,
+             inv * inv * sxm / <double>M)
+
+
+cdef void _merge_partials(idx_t C, idx_t ns, const double* pn, const double* pm,
+                          const double* pm2, double* mean, double* m2) noexcept nogil:
+    """Merge the ``ns`` stripe partials of every channel in stripe order."""
+    cdef idx_t c, k, u
+    cdef double cnt, mm, mm2
+    for c in range(C):
+        cnt = 0.0
+        mm = 0.0
+        mm2 = 0.0
+        for k in range(ns):
+            u = c * ns + k
+            _chan(&cnt, &mm, &mm2, pn[u], pm[u], pm2[u])
+        mean[c] = mm
+        m2[c] = mm2
+
+
+cdef double* _alloc(idx_t n) except NULL:
+    cdef double* p = <double*>malloc((n if n > 0 else 1) * sizeof(double))
+    if p == NULL:
+        raise MemoryError(f"fastbn: cannot allocate {n} float64 temporaries")
+    return p
+
+
+cdef inline int _check_vec(const double[::1] v, idx_t C, str name) except -1:
+    if v.shape[0] != C:
+        raise ValueError(f"{name} has shape ({v.shape[0]},), expected ({C},)")
+    return 0
+
+
+cdef inline int _check_same3(const idx_t* a, const idx_t* b, str name) except -1:
+    if a[0] != b[0] or a[1] != b[1] or a[2] != b[2]:
+        raise ValueError(f"{name} has shape {(b[0], b[1], b[2])}, expected "
+                         f"{(a[0], a[1], a[2])}")
+    return 0
+
+
+cdef inline int _check_same2(const idx_t* a, const idx_t* b, str name) except -1:
+    if a[0] != b[0] or a[1] != b[1]:
+        raise ValueError(f"{name} has shape {(b[0], b[1])}, expected {(a[0], a[1])}")
+    return 0
+
+
+cdef inline int _check_nonempty(idx_t M, idx_t C) except -1:
+    if M < 1 or C < 1:
+        raise ValueError(f"empty input: M={M}, C={C}")
+    return 0
+
+
+# ---------------------------------------------------------------------------------------
+# NCHW kernels: x is (N, C, S)
+# ---------------------------------------------------------------------------------------
+def nchw_stats(const floating[:, :, ::1] x, double[::1] mean, double[::1] var, int nthreads):
+    """Per-channel mean and population variance of an ``(N, C, S)`` array.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, S), float32 or float64, C-contiguous
+        The data.
+    mean, var : ndarray of shape (C,), float64
+        Outputs: the mean and ``M2 / M``.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef idx_t M = N * S, CS = C * S
+    _check_nonempty(M, C)
+    _check_vec(mean, C, "mean")
+    _check_vec(var, C, "var")
+    cdef idx_t sl = _nchw_stripe_len(C, M)
+    cdef idx_t ns = _ceil_div(M, sl)
+    cdef idx_t nu = C * ns, u, c, k, e
+    cdef int nt = _team(nthreads, nu, M * C)
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef double* mp = &mean[0]
+    cdef double* vp = &var[0]
+    cdef double* pn = _alloc(nu)
+    cdef double* pm
+    cdef double* pm2
+    try:
+        pm = _alloc(nu)
+        try:
+            pm2 = _alloc(nu)
+            with nogil:
+                for u in prange(nu, schedule="static", num_threads=nt):
+                    c = u // ns
+                    k = u - c * ns
+                    e = (k + 1) * sl
+                    if e > M:
+                        e = M
+                    _nchw_moments(xp + c * S, S, CS, k * sl, e, &pn[u], &pm[u], &pm2[u])
+                _merge_partials(C, ns, pn, pm, pm2, mp, vp)
+                for c in range(C):
+                    vp[c] = vp[c] / <double>M
+            free(pm2)
+        finally:
+            free(pm)
+    finally:
+        free(pn)
+
+
+def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
+                       const double[::1] bias, double eps, floating[:, :, ::1] y,
+                       double[::1] mean, double[::1] var, double[::1] invstd, int nthreads):
+    """Training forward on ``(N, C, S)``: batch statistics, then ``y``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, S), float32 or float64, C-contiguous
+        The data.
+    weight, bias : ndarray of shape (C,), float64
+        Affine parameters.
+    eps : float
+        Added to the variance.
+    y : ndarray like x
+        Output ``(x - mean) * (weight * invstd) + bias``; may be ``x`` itself.
+    mean, var, invstd : ndarray of shape (C,), float64
+        Outputs: batch mean, population variance and ``1 / sqrt(var + eps)``.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef idx_t M = N * S, CS = C * S
+    _check_nonempty(M, C)
+    _check_same3(x.shape, y.shape, "y")
+    _check_vec(weight, C, "weight")
+    _check_vec(bias, C, "bias")
+    _check_vec(mean, C, "mean")
+    _check_vec(var, C, "var")
+    _check_vec(invstd, C, "invstd")
+    cdef idx_t sl = _nchw_stripe_len(C, M)
+    cdef idx_t ns = _ceil_div(M, sl)
+    cdef idx_t nu = C * ns, u, c, k, e
+    cdef int nt = _team(nthreads, nu, M * C)
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0]
+    cdef const double* wp = &weight[0]
+    cdef const double* bp = &bias[0]
+    cdef double* mp = &mean[0]
+    cdef double* vp = &var[0]
+    cdef double* ip = &invstd[0]
+    cdef double* pn
+    cdef double* pm
+    cdef double* pm2
+    if ns == 1:
+        with nogil:
+            for c in prange(C, schedule="static", num_threads=nt):
+                _nchw_forward_channel(xp + c * S, yp + c * S, S, CS, M, wp[c], bp[c], eps,
+                                      &mp[c], &vp[c], &ip[c])
+        return
+    pn = _alloc(nu)
+    try:
+        pm = _alloc(nu)
+        try:
+            pm2 = _alloc(nu)
+            with nogil:
+                for u in prange(nu, schedule="static", num_threads=nt):
+                    c = u // ns
+                    k = u - c * ns
+                    e = (k + 1) * sl
+                    if e > M:
+                        e = M
+                    _nchw_moments(xp + c * S, S, CS, k * sl, e, &pn[u], &pm[u], &pm2[u])
+                _merge_partials(C, ns, pn, pm, pm2, mp, vp)
+                for c in range(C):
+                    vp[c] = vp[c] / <double>M
+                    ip[c] = 1.0 / sqrt(vp[c] + eps)
+                for u in prange(nu, schedule="static", num_threads=nt):
+                    c = u // ns
+                    k = u - c * ns
+                    e = (k + 1) * sl
+                    if e > M:
+                        e = M
+                    _nchw_apply(xp + c * S, yp + c * S, S, CS, k * sl, e, mp[c],
+                                wp[c] * ip[c], bp[c])
+            free(pm2)
+        finally:
+            free(pm)
+    finally:
+        free(pn)
+
+
+def nchw_normalize(const floating[:, :, ::1] x, const double[::1] mean,
+                   const double[::1] scale, const double[::1] bias, floating[:, :, ::1] y,
+                   int nthreads):
+    """``y = (x - mean) * scale + bias`` per channel on ``(N, C, S)``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (N, C, S), float32 or float64, C-contiguous
+        The data.
+    mean, scale, bias : ndarray of shape (C,), float64
+        Per-channel constants.
+    y : ndarray like x
+        Output; may be ``x`` itself.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef idx_t M = N * S
+    _check_nonempty(M, C)
+    _check_same3(x.shape, y.shape, "y")
+    _check_vec(mean, C, "mean")
+    _check_vec(scale, C, "scale")
+    _check_vec(bias, C, "bias")
+    # Blocks of whole rows (one row = one channel of one sample), about NCHW_CHUNK values.
+    cdef idx_t nrows = N * C, r, c, blk, e
+    cdef idx_t rb = _NCHW_CHUNK // S if S < _NCHW_CHUNK else 1
+    cdef idx_t nblk = _ceil_div(nrows, rb)
+    cdef int nt = _team(nthreads, nblk, M * C)
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* yp = &y[0, 0, 0]
+    cdef const double* mp = &mean[0]
+    cdef const double* sp = &scale[0]
+    cdef const double* bp = &bias[0]
+    with nogil:
+        for blk in prange(nblk, schedule="static", num_threads=nt):
+            e = (blk + 1) * rb
+            if e > nrows:
+                e = nrows
+            _nchw_rows_apply(xp, yp, S, C, blk * rb, e, mp, sp, bp)
+
+
+def nchw_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                         const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
+                         int nthreads):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` on ``(N, C, S)``.
+
+    Parameters
+    ----------
+    dy, x : ndarray of shape (N, C, S), float32 or float64, C-contiguous
+        Gradient of the output and the forward input.
+    mean : ndarray of shape (C,), float64
+        The mean used by the forward.
+    sum_dy, sum_dy_xmu : ndarray of shape (C,), float64
+        Outputs.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef idx_t M = N * S, CS = C * S
+    _check_nonempty(M, C)
+    _check_same3(x.shape, dy.shape, "dy")
+    _check_vec(mean, C, "mean")
+    _check_vec(sum_dy, C, "sum_dy")
+    _check_vec(sum_dy_xmu, C, "sum_dy_xmu")
+    cdef idx_t sl = _nchw_stripe_len(C, M)
+    cdef idx_t ns = _ceil_div(M, sl)
+    cdef idx_t nu = C * ns, u, c, k, e
+    cdef int nt = _team(nthreads, nu, M * C)
+    cdef const floating* gp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef const double* mp = &mean[0]
+    cdef double* sp = &sum_dy[0]
+    cdef double* qp = &sum_dy_xmu[0]
+    cdef double* ps = _alloc(2 * nu)
+    try:
+        with nogil:
+            for u in prange(nu, schedule="static", num_threads=nt):
+                c = u // ns
+                k = u - c * ns
+                e = (k + 1) * sl
+                if e > M:
+                    e = M
+                _nchw_bsums(gp + c * S, xp + c * S, S, CS, k * sl, e, mp[c],
+                            &ps[2 * u], &ps[2 * u + 1])
+            for c in range(C):
+                sp[c] = ps[2 * c * ns]
+                qp[c] = ps[2 * c * ns + 1]
+                for k in range(1, ns):
+                    sp[c] = sp[c] + ps[2 * (c * ns + k)]
+                    qp[c] = qp[c] + ps[2 * (c * ns + k) + 1]
+    finally:
+        free(ps)
+
+
+def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
+                        const double[::1] mean, const double[::1] invstd,
+                        const double[::1] weight, floating[:, :, ::1] dx,
+                        double[::1] sum_dy, double[::1] sum_dy_xmu, int nthreads):
+    """Training backward on ``(N, C, S)``: the two sums, then ``dx``.
+
+    Parameters
+    ----------
+    dy, x : ndarray of shape (N, C, S), float32 or float64, C-contiguous
+        Gradient of the output and the forward input.
+    mean, invstd, weight : ndarray of shape (C,), float64
+        Saved statistics and the scale parameter.
+    dx : ndarray like x
+        Output ``weight*invstd*(dy - sum_dy/M - (x-mean)*invstd**2*sum_dy_xmu/M)``; may be
+        ``dy`` itself.
+    sum_dy, sum_dy_xmu : ndarray of shape (C,), float64
+        Outputs: ``sum(dy)`` and ``sum(dy * (x - mean))``.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t N = x.shape[0], C = x.shape[1], S = x.shape[2]
+    cdef idx_t M = N * S, CS = C * S
+    _check_nonempty(M, C)
+    _check_same3(x.shape, dy.shape, "dy")
+    _check_same3(x.shape, dx.shape, "dx")
+    _check_vec(mean, C, "mean")
+    _check_vec(invstd, C, "invstd")
+    _check_vec(weight, C, "weight")
+    _check_vec(sum_dy, C, "sum_dy")
+    _check_vec(sum_dy_xmu, C, "sum_dy_xmu")
+    cdef idx_t sl = _nchw_stripe_len(C, M)
+    cdef idx_t ns = _ceil_div(M, sl)
+    cdef idx_t nu = C * ns, u, c, k, e
+    cdef int nt = _team(nthreads, nu, M * C)
+    cdef const floating* gp = &dy[0, 0, 0]
+    cdef const floating* xp = &x[0, 0, 0]
+    cdef floating* dp = &dx[0, 0, 0]
+    cdef const double* mp = &mean[0]
+    cdef const double* ip = &invstd[0]
+    cdef const double* wp = &weight[0]
+    cdef double* sp = &sum_dy[0]
+    cdef double* qp = &sum_dy_xmu[0]
+    cdef double* ps
+    cdef double inv
+    if ns == 1:
+        with nogil:
+            for c in prange(C, schedule="static", num_threads=nt):
+                _nchw_backward_channel(gp + c * S, xp + c * S, dp + c * S, S, CS, M,
+                                       mp[c], ip[c], wp[c], &sp[c], &qp[c])
+        return
+    ps = _alloc(2 * nu)
+    try:
+        with nogil:
+            for u in prange(nu, schedule="static", num_threads=nt):
+                c = u // ns
+                k = u - c * ns
+                e = (k + 1) * sl
+                if e > M:
+                    e = M
+                _nchw_bsums(gp + c * S, xp + c * S, S, CS, k * sl, e, mp[c],
+                            &ps[2 * u], &ps[2 * u + 1])
+            for c in range(C):
+                sp[c] = ps[2 * c * ns]
+                qp[c] = ps[2 * c * ns + 1]
+                for k in range(1, ns):
+                    sp[c] = sp[c] + ps[2 * (c * ns + k)]
+                    qp[c] = qp[c] + ps[2 * (c * ns + k) + 1]
+            for u in prange(nu, schedule="static", num_threads=nt):
+                c = u // ns
+                k = u - c * ns
+                e = (k + 1) * sl
+                if e > M:
+                    e = M
+                inv = ip[c]
+                _nchw_dx(gp + c * S, xp + c * S, dp + c * S, S, CS, k * sl, e, mp[c],
+                         wp[c] * inv, sp[c] / <double>M, inv * inv * qp[c] / <double>M)
+    finally:
+        free(ps)
+
+
+# ---------------------------------------------------------------------------------------
+# NHWC building blocks: x is (R, C), loops run across the contiguous channels
+# ---------------------------------------------------------------------------------------
+cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br,
+                        double* smean, double* sm2, double* t) noexcept nogil:
+    """(mean, M2) per channel of rows ``[r0, r1)``, chunk by chunk; ``t`` is 3*C scratch.
+
+    Each chunk of ``br`` rows is centred on ``K``: the running mean of the stripe's chunks
+    before it (one pass: ``sum(x - K)`` and ``sum((x - K)**2)`` together, vectorized across
+    channels), or, for the first chunk, its own float64 mean (one extra pass).
+    """
+    cdef double* kc = t
+    cdef double* sd = t + C
+    cdef double* sdd = t + 2 * C
+    cdef idx_t ra, rb, r, c
+    cdef double na = 0.0, k, ik, tot, w, f, d, cm, cm2
+    cdef const floating* row
+    ra = r0
+    while ra < r1:
+        rb = ra + br
+        if rb > r1:
+            rb = r1
+        k = <double>(rb - ra)
+        if na == 0.0:
+            row = x + ra * C
+            for c in range(C):
+                kc[c] = row[c]
+            for r in range(ra + 1, rb):
+                row = x + r * C
+                for c in range(C):
+                    kc[c] = kc[c] + row[c]
+            for c in range(C):
+                kc[c] = kc[c] / k
+        else:
+            for c in range(C):
+                kc[c] = smean[c]
+        for c in range(C):
+            sd[c] = 0.0
+            sdd[c] = 0.0
+        for r in range(ra, rb):
+            row = x + r * C
+            for c in range(C):
+                d = row[c] - kc[c]
+                sd[c] = sd[c] + d
+                sdd[c] = sdd[c] + d * d
+        ik = 1.0 / k
+        if na == 0.0:
+            for c in range(C):
+                smean[c] = kc[c] + sd[c] * ik
+                cm2 = sdd[c] - sd[c] * sd[c] * ik
+                sm2[c] = cm2 if cm2 > 0.0 else 0.0
+        else:
+            tot = na + k
+            w = k / tot
+            f = na * k / tot
+            for c in range(C):
+                cm = kc[c] + sd[c] * ik
+                cm2 = sdd[c] - sd[c] * sd[c] * ik
+                if cm2 < 0.0:
+                    cm2 = 0.0
+                d = cm - smean[c]
+                smean[c] = smean[c] + d * w
+                sm2[c] = sm2[c] + cm2 + d * d * f
+        na = na + k
+        ra = rb
+
+
+cdef void _nhwc_merge(idx_t C, idx_t R, idx_t sr, idx_t ns, const double* pm,
+                      const double* pm2, double* mean, double* m2) noexcept nogil:
+    """Merge stripe partials (stripe ``k`` holds rows ``[k*sr, (k+1)*sr)``) in order."""
+    cdef idx_t c, k, e
+    cdef double na, nb, tot, w, f, d
+    for c in range(C):
+        mean[c] = pm[c]
+        m2[c] = pm2[c]
+    na = <double>(sr if sr < R else R)
+    for k in range(1, ns):
+        e = (k + 1) * sr
+        if e > R:
+            e = R
+        nb = <double>(e - k * sr)
+        tot = na + nb
+        w = nb / tot
+        f = na * nb / tot
+        for c in range(C):
+            d = pm[k * C + c] - mean[c]
+            mean[c] = mean[c] + d * w
+            m2[c] = m2[c] + pm2[k * C + c] + d * d * f
+        na = tot
+
+
+cdef void _nhwc_apply(const floating* x, floating* y, idx_t C, idx_t r0, idx_t r1,
+                      const double* m, const double* sc, const double* b) noexcept nogil:
+    cdef idx_t r, c
+    cdef const floating* xr
+    cdef floating* yr
+    for r in range(r0, r1):
+        xr = x + r * C
+        yr = y + r * C
+        for c in range(C):
+            yr[c] = <floating>((xr[c] - m[c]) * sc[c] + b[c])
+
+
+cdef void _nhwc_bsums(const floating* dy, const floating* x, idx_t C, idx_t r0, idx_t r1,
+                      const double* m, double* sdy, double* sxm) noexcept nogil:
+    cdef idx_t r, c
+    cdef const floating* gr
+    cdef const floating* xr
+    cdef double g
+    for c in range(C):
+        sdy[c] = 0.0
+        sxm[c] = 0.0
+    for r in range(r0, r1):
+        gr = dy + r * C
+        xr = x + r * C
+        for c in range(C):
+            g = gr[c]
+            sdy[c] = sdy[c] + g
+            sxm[c] = sxm[c] + g * (xr[c] - m[c])
+
+
+cdef void _nhwc_dx(const floating* dy, const floating* x, floating* dx, idx_t C,
+                   idx_t r0, idx_t r1, const double* m, const double* k, const double* a,
+                   const double* q) noexcept nogil:
+    cdef idx_t r, c
+    cdef const floating* gr
+    cdef const floating* xr
+    cdef floating* dr
+    for r in range(r0, r1):
+        gr = dy + r * C
+        xr = x + r * C
+        dr = dx + r * C
+        for c in range(C):
+            dr[c] = <floating>(k[c] * ((gr[c] - a[c]) - (xr[c] - m[c]) * q[c]))
+
+
+cdef inline void _nhwc_sum_stripes(idx_t C, idx_t ns, const double* ps, double* sdy,
+                                   double* sxm) noexcept nogil:
+    """Add the stripe sums (stripe ``k`` at ``ps[2*k*C:]``) in stripe order."""
+    cdef idx_t c, k
+    for c in range(C):
+        sdy[c] = ps[c]
+        sxm[c] = ps[C + c]
+    for k in range(1, ns):
+        for c in range(C):
+            sdy[c] = sdy[c] + ps[2 * k * C + c]
+            sxm[c] = sxm[c] + ps[2 * k * C + C + c]
+
+
+# ---------------------------------------------------------------------------------------
+# NHWC kernels: x is (R, C)
+# ---------------------------------------------------------------------------------------
+cdef int _nhwc_stats_into(const floating* xp, idx_t R, idx_t C, int nthreads,
+                          double* mp, double* vp) except -1:
+    """Stripe moments in parallel, merged in order: writes mean and population var."""
+    cdef idx_t br = _nhwc_chunk_rows(C)
+    cdef idx_t sr = _nhwc_stripe_rows(R, C)
+    cdef idx_t ns = _ceil_div(R, sr), k, e, c
+    cdef int nt = _team(nthreads, ns, R * C)
+    cdef double* part = _alloc(2 * ns * C)
+    cdef double* scratch
+    try:
+        scratch = _alloc(3 * C * nt)
+        try:
+            with nogil:
+                for k in prange(ns, schedule="static", num_threads=nt):
+                    e = (k + 1) * sr
+                    if e > R:
+                        e = R
+                    _nhwc_moments(xp, C, k * sr, e, br, part + k * C, part + (ns + k) * C,
+                                  scratch + 3 * C * threadid())
+                _nhwc_merge(C, R, sr, ns, part, part + ns * C, mp, vp)
+                for c in range(C):
+                    vp[c] = vp[c] / <double>R
+        finally:
+            free(scratch)
+    finally:
+        free(part)
+    return 0
+
+
+def nhwc_stats(const floating[:, ::1] x, double[::1] mean, double[::1] var, int nthreads):
+    """Per-channel mean and population variance of an ``(R, C)`` array.
+
+    Parameters
+    ----------
+    x : ndarray of shape (R, C), float32 or float64, C-contiguous
+        The data.
+    mean, var : ndarray of shape (C,), float64
+        Outputs: the mean and ``M2 / R``.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t R = x.shape[0], C = x.shape[1]
+    _check_nonempty(R, C)
+    _check_vec(mean, C, "mean")
+    _check_vec(var, C, "var")
+    _nhwc_stats_into(&x[0, 0], R, C, nthreads, &mean[0], &var[0])
+
+
+def nhwc_train_forward(const floating[:, ::1] x, const double[::1] weight,
+                       const double[::1] bias, double eps, floating[:, ::1] y,
+                       double[::1] mean, double[::1] var, double[::1] invstd, int nthreads):
+    """Training forward on ``(R, C)``: batch statistics, then ``y``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (R, C), float32 or float64, C-contiguous
+        The data.
+    weight, bias : ndarray of shape (C,), float64
+        Affine parameters.
+    eps : float
+        Added to the variance.
+    y : ndarray like x
+        Output ``(x - mean) * (weight * invstd) + bias``; may be ``x`` itself.
+    mean, var, invstd : ndarray of shape (C,), float64
+        Outputs: batch mean, population variance and ``1 / sqrt(var + eps)``.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t R = x.shape[0], C = x.shape[1]
+    _check_nonempty(R, C)
+    _check_same2(x.shape, y.shape, "y")
+    _check_vec(weight, C, "weight")
+    _check_vec(bias, C, "bias")
+    _check_vec(mean, C, "mean")
+    _check_vec(var, C, "var")
+    _check_vec(invstd, C, "invstd")
+    cdef const floating* xp = &x[0, 0]
+    cdef floating* yp = &y[0, 0]
+    cdef double* mp = &mean[0]
+    cdef double* vp = &var[0]
+    cdef double* ip = &invstd[0]
+    cdef const double* wp = &weight[0]
+    cdef const double* bp = &bias[0]
+    cdef idx_t sr = _nhwc_stripe_rows(R, C)
+    cdef idx_t ns = _ceil_div(R, sr), k, e, c
+    cdef int nt = _team(nthreads, ns, R * C)
+    _nhwc_stats_into(xp, R, C, nthreads, mp, vp)
+    cdef double* sc = _alloc(C)
+    try:
+        with nogil:
+            for c in range(C):
+                ip[c] = 1.0 / sqrt(vp[c] + eps)
+                sc[c] = wp[c] * ip[c]
+            for k in prange(ns, schedule="static", num_threads=nt):
+                e = (k + 1) * sr
+                if e > R:
+                    e = R
+                _nhwc_apply(xp, yp, C, k * sr, e, mp, sc, bp)
+    finally:
+        free(sc)
+
+
+def nhwc_normalize(const floating[:, ::1] x, const double[::1] mean, const double[::1] scale,
+                   const double[::1] bias, floating[:, ::1] y, int nthreads):
+    """``y = (x - mean) * scale + bias`` per channel on ``(R, C)``.
+
+    Parameters
+    ----------
+    x : ndarray of shape (R, C), float32 or float64, C-contiguous
+        The data.
+    mean, scale, bias : ndarray of shape (C,), float64
+        Per-channel constants.
+    y : ndarray like x
+        Output; may be ``x`` itself.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t R = x.shape[0], C = x.shape[1]
+    _check_nonempty(R, C)
+    _check_same2(x.shape, y.shape, "y")
+    _check_vec(mean, C, "mean")
+    _check_vec(scale, C, "scale")
+    _check_vec(bias, C, "bias")
+    cdef idx_t sr = _nhwc_stripe_rows(R, C)
+    cdef idx_t ns = _ceil_div(R, sr), k, e
+    cdef int nt = _team(nthreads, ns, R * C)
+    cdef const floating* xp = &x[0, 0]
+    cdef floating* yp = &y[0, 0]
+    with nogil:
+        for k in prange(ns, schedule="static", num_threads=nt):
+            e = (k + 1) * sr
+            if e > R:
+                e = R
+            _nhwc_apply(xp, yp, C, k * sr, e, &mean[0], &scale[0], &bias[0])
+
+
+cdef int _nhwc_bsums_into(const floating* gp, const floating* xp, idx_t R, idx_t C,
+                          const double* mp, int nthreads, double* sp,
+                          double* qp) except -1:
+    cdef idx_t sr = _nhwc_stripe_rows(R, C)
+    cdef idx_t ns = _ceil_div(R, sr), k, e
+    cdef int nt = _team(nthreads, ns, R * C)
+    cdef double* part = _alloc(2 * ns * C)
+    try:
+        with nogil:
+            for k in prange(ns, schedule="static", num_threads=nt):
+                e = (k + 1) * sr
+                if e > R:
+                    e = R
+                _nhwc_bsums(gp, xp, C, k * sr, e, mp, part + 2 * k * C,
+                            part + 2 * k * C + C)
+            _nhwc_sum_stripes(C, ns, part, sp, qp)
+    finally:
+        free(part)
+    return 0
+
+
+def nhwc_backward_reduce(const floating[:, ::1] dy, const floating[:, ::1] x,
+                         const double[::1] mean, double[::1] sum_dy, double[::1] sum_dy_xmu,
+                         int nthreads):
+    """Per-channel ``sum(dy)`` and ``sum(dy * (x - mean))`` on ``(R, C)``.
+
+    Parameters
+    ----------
+    dy, x : ndarray of shape (R, C), float32 or float64, C-contiguous
+        Gradient of the output and the forward input.
+    mean : ndarray of shape (C,), float64
+        The mean used by the forward.
+    sum_dy, sum_dy_xmu : ndarray of shape (C,), float64
+        Outputs.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t R = x.shape[0], C = x.shape[1]
+    _check_nonempty(R, C)
+    _check_same2(x.shape, dy.shape, "dy")
+    _check_vec(mean, C, "mean")
+    _check_vec(sum_dy, C, "sum_dy")
+    _check_vec(sum_dy_xmu, C, "sum_dy_xmu")
+    _nhwc_bsums_into(&dy[0, 0], &x[0, 0], R, C, &mean[0], nthreads, &sum_dy[0],
+                     &sum_dy_xmu[0])
+
+
+def nhwc_backward_train(const floating[:, ::1] dy, const floating[:, ::1] x,
+                        const double[::1] mean, const double[::1] invstd,
+                        const double[::1] weight, floating[:, ::1] dx,
+                        double[::1] sum_dy, double[::1] sum_dy_xmu, int nthreads):
+    """Training backward on ``(R, C)``: the two sums, then ``dx``.
+
+    Parameters
+    ----------
+    dy, x : ndarray of shape (R, C), float32 or float64, C-contiguous
+        Gradient of the output and the forward input.
+    mean, invstd, weight : ndarray of shape (C,), float64
+        Saved statistics and the scale parameter.
+    dx : ndarray like x
+        Output ``weight*invstd*(dy - sum_dy/R - (x-mean)*invstd**2*sum_dy_xmu/R)``; may be
+        ``dy`` itself.
+    sum_dy, sum_dy_xmu : ndarray of shape (C,), float64
+        Outputs: ``sum(dy)`` and ``sum(dy * (x - mean))``.
+    nthreads : int
+        Threads to use; the result does not depend on it.
+    """
+    cdef idx_t R = x.shape[0], C = x.shape[1]
+    _check_nonempty(R, C)
+    _check_same2(x.shape, dy.shape, "dy")
+    _check_same2(x.shape, dx.shape, "dx")
+    _check_vec(mean, C, "mean")
+    _check_vec(invstd, C, "invstd")
+    _check_vec(weight, C, "weight")
+    _check_vec(sum_dy, C, "sum_dy")
+    _check_vec(sum_dy_xmu, C, "sum_dy_xmu")
+    cdef const floating* gp = &dy[0, 0]
+    cdef const floating* xp = &x[0, 0]
+    cdef floating* dp = &dx[0, 0]
+    cdef const double* mp = &mean[0]
+    cdef double* sp = &sum_dy[0]
+    cdef double* qp = &sum_dy_xmu[0]
+    cdef idx_t sr = _nhwc_stripe_rows(R, C)
+    cdef idx_t ns = _ceil_div(R, sr), k, e, c
+    cdef int nt = _team(nthreads, ns, R * C)
+    cdef double inv
+    _nhwc_bsums_into(gp, xp, R, C, mp, nthreads, sp, qp)
+    cdef double* coef = _alloc(3 * C)
+    try:
+        with nogil:
+            for c in range(C):
+                inv = invstd[c]
+                coef[c] = weight[c] * inv
+                coef[C + c] = sp[c] / <double>R
+                coef[2 * C + c] = inv * inv * qp[c] / <double>R
+            for k in prange(ns, schedule="static", num_threads=nt):
+                e = (k + 1) * sr
+                if e > R:
+                    e = R
+                _nhwc_dx(gp, xp, dp, C, k * sr, e, mp, coef, coef + C, coef + 2 * C)
+    finally:
+        free(coef)

@@ -1,0 +1,66 @@
+# OpenMP indirection for fastbn's Cython kernels.
+#
+# When the extension is compiled without OpenMP (the `openmp` build option is disabled or
+# the compiler has none), `_OPENMP` is undefined: Cython's prange/parallel blocks compile to
+# plain serial loops and these helpers report a single thread, so every kernel stays correct.
+
+cdef extern from *:
+    """
+    #ifdef _OPENMP
+        #include <omp.h>
+        #define FASTBN_OPENMP_ENABLED 1
+        static int fastbn_omp_get_max_threads(void) { return omp_get_max_threads(); }
+        static int fastbn_omp_get_thread_num(void) { return omp_get_thread_num(); }
+        static int fastbn_openmp_version(void) { return _OPENMP; }
+    #else
+        #define FASTBN_OPENMP_ENABLED 0
+        static int fastbn_omp_get_max_threads(void) { return 1; }
+        static int fastbn_omp_get_thread_num(void) { return 0; }
+        static int fastbn_openmp_version(void) { return 0; }
+    #endif
+    """
+    bint FASTBN_OPENMP_ENABLED
+    int fastbn_omp_get_max_threads() noexcept nogil
+    int fastbn_omp_get_thread_num() noexcept nogil
+    int fastbn_openmp_version() noexcept nogil
+
+
+# Runtime CPU check for the x86-64-v3 (AVX2 + FMA) build of the kernels.
+cdef extern from *:
+    """
+    #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
+        static int fastbn_cpu_has_x86_64_v3(void) {
+            __builtin_cpu_init();
+            return __builtin_cpu_supports("avx") && __builtin_cpu_supports("avx2")
+                && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi")
+                && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
+        }
+    #else
+        static int fastbn_cpu_has_x86_64_v3(void) { return 0; }
+    #endif
+    #if defined(__AVX512F__)
+        #define FASTBN_BUILD_SIMD "avx512f"
+    #elif defined(__AVX2__)
+        #define FASTBN_BUILD_SIMD "avx2"
+    #elif defined(__AVX__)
+        #define FASTBN_BUILD_SIMD "avx"
+    #elif defined(__SSE2__)
+        #define FASTBN_BUILD_SIMD "sse2"
+    #else
+        #define FASTBN_BUILD_SIMD "generic"
+    #endif
+    """
+    int fastbn_cpu_has_x86_64_v3() noexcept nogil
+    const char* FASTBN_BUILD_SIMD
+
+
+# Software prefetch into L2 (a no-op for compilers without __builtin_prefetch).
+cdef extern from *:
+    """
+    #if defined(__GNUC__) || defined(__clang__)
+        #define fastbn_prefetch(p) __builtin_prefetch((const void*)(p), 0, 2)
+    #else
+        #define fastbn_prefetch(p) ((void)0)
+    #endif
+    """
+    void fastbn_prefetch(const void* p) noexcept nogil
