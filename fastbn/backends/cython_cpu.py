@@ -209,3 +209,8 @@ def build_info() -> dict[str, Any]:
         "max_threads": max_threads(),
         "reason": unavailable_reason(),
     }
+
+
+def describe() -> dict[str, Any]:
+    """Facts for `fastbn.show_config`: the build in use, SIMD level, OpenMP, threads."""
+    return {k: v for k, v in build_info().items() if k not in ("available", "reason")}
