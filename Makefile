@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastbn-installed
 
-.PHONY: setup test test-cpu test-cuda bench lint clean
+.PHONY: setup test test-cpu test-cuda test-no-openmp bench lint clean
 
 setup: $(STAMP)
 
@@ -25,6 +25,15 @@ test-cpu: setup
 # must be set before numba is imported and would change every other test.
 test-cuda: setup
 	NUMBA_ENABLE_CUDASIM=1 $(BIN)/pytest tests/test_cuda_kernels.py tests/test_cuda_api.py
+
+# A second build without OpenMP (serial Cython kernels) must pass the kernel tests too.
+NOOMP_VENV := build/venv-no-openmp
+test-no-openmp:
+	$(PYTHON) -m venv $(NOOMP_VENV)
+	$(NOOMP_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(NOOMP_VENV)/bin/python -m pip install --quiet ".[test]" -Csetup-args=-Dopenmp=disabled
+	cd $(NOOMP_VENV) && bin/python -c "import fastbn.backends.cython_cpu as c; assert not c.openmp_enabled(), 'OpenMP is compiled in'"
+	$(NOOMP_VENV)/bin/pytest -p no:cacheprovider --rootdir=. tests/test_cython_kernels.py
 
 bench: setup
 	$(BIN)/fastbn-bench
