@@ -33,7 +33,7 @@ test-no-openmp:
 	$(NOOMP_VENV)/bin/python -m pip install --quiet --upgrade pip
 	$(NOOMP_VENV)/bin/python -m pip install --quiet ".[test]" -Csetup-args=-Dopenmp=disabled
 	cd $(NOOMP_VENV) && bin/python -c "import fastbn.backends.cython_cpu as c; assert not c.openmp_enabled(), 'OpenMP is compiled in'"
-	$(NOOMP_VENV)/bin/pytest -p no:cacheprovider --rootdir=. tests/test_cython_kernels.py
+	cd build && venv-no-openmp/bin/pytest -p no:cacheprovider --import-mode=importlib ../tests/test_cython_kernels.py
 
 bench: setup
 	$(BIN)/fastbn-bench
