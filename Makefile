@@ -3,6 +3,8 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.fastbn-installed
+# meson and ninja are installed into the venv; the editable build looks for them on PATH.
+export PATH := $(abspath $(BIN)):$(PATH)
 
 .PHONY: setup test test-cpu test-cuda test-no-openmp bench lint clean
 
