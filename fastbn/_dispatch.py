@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 
 from ._threads import get_num_threads
-from .backends import BACKENDS, _module, choose_backend
+from .backends import BACKENDS, choose_backend, usable_backend
 
 LAYOUTS = ("NCHW", "NHWC")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
@@ -95,11 +95,10 @@ def backend_ops(module: ModuleType) -> Any:
 
 def ops_for(x: Any, backend: str | None) -> Any:
     """The array operations of a call on `x`: the backend's when `x` is its device array."""
-    if backend is not None and backend in BACKENDS and _is_foreign_device_array(x):
-        module = _module(backend)
-        if module is not None and getattr(module, "array_ops", None) is not None:
-            if module.is_available() and module.is_device_array(x):
-                return module.array_ops()
+    if backend in BACKENDS and _is_foreign_device_array(x):
+        module = usable_backend(backend)
+        if module is not None and hasattr(module, "array_ops") and module.is_device_array(x):
+            return module.array_ops()
     return HOST
 
 

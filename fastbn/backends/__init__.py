@@ -18,6 +18,7 @@ __all__ = [
     "available_backends",
     "choose_backend",
     "get_backend",
+    "usable_backend",
 ]
 
 #: Backend name -> module (relative to this package), in order of preference.
@@ -41,14 +42,15 @@ def _module(name: str) -> ModuleType | None:
 
 
 @cache
-def _usable(name: str) -> ModuleType | None:
+def usable_backend(name: str) -> ModuleType | None:
+    """The module of backend `name` when it is usable in this process, else None."""
     module = _module(name)
     return module if module is not None and module.is_available() else None
 
 
 def available_backends() -> list[str]:
     """Names of the backends usable in this process, e.g. ``["cython", "numba"]``."""
-    return [name for name in BACKENDS if _usable(name) is not None]
+    return [name for name in BACKENDS if usable_backend(name) is not None]
 
 
 def get_backend(name: str) -> ModuleType:
@@ -63,7 +65,7 @@ def get_backend(name: str) -> ModuleType:
     """
     if name not in BACKENDS:
         raise ValueError(f"backend must be one of {[None, *BACKENDS]}, got {name!r}")
-    module = _usable(name)
+    module = usable_backend(name)
     if module is None:
         loaded = _module(name)
         reason = (
@@ -85,7 +87,7 @@ def choose_backend(name: str | None) -> ModuleType:
     if name is not None:
         return get_backend(name)
     for candidate in ("cython", "numba"):
-        module = _usable(candidate)
+        module = usable_backend(candidate)
         if module is not None:
             return module
     raise BackendUnavailableError("no CPU backend is available: install numba")

@@ -160,6 +160,20 @@ def _per_channel_path(x: np.ndarray) -> bool:
     return x.shape[1] >= MIN_CHANNELS_PER_CHANNEL_PATH or x.shape[0] * x.shape[2] <= CHUNK
 
 
+def _normalize_with(kernel, x, weight, bias, eps, y, mean, var, invstd, nthreads):
+    """Second half of an unfused training forward: invstd from var, then normalize."""
+    np.divide(1.0, np.sqrt(var + eps), out=invstd)
+    _run(kernel, nthreads, x, mean, weight * invstd, bias, y)
+
+
+def _dx_with(kernel, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads):
+    """Second half of an unfused backward: dx from the two per-channel sums."""
+    count = x.size // x.shape[1]
+    shift = sum_dy / count
+    proj = invstd * invstd * sum_dy_xmu / count
+    _run(kernel, nthreads, dy, x, mean, weight * invstd, shift, proj, dx)
+
+
 # -------------------------------------------------------------------- nchw kernels
 
 
@@ -191,8 +205,7 @@ def _nchw_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
         )
         return
     _nchw_stats(x, mean, var, nthreads)
-    np.divide(1.0, np.sqrt(var + eps), out=invstd)
-    _run(k["nchw_normalize"], nthreads, x, mean, weight * invstd, bias, y)
+    _normalize_with(k["nchw_normalize"], x, weight, bias, eps, y, mean, var, invstd, nthreads)
 
 
 def _nchw_normalize(x, mean, scale, bias, y, nthreads):
@@ -228,18 +241,7 @@ def _nchw_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nt
         )
         return
     _nchw_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads)
-    count = x.shape[0] * x.shape[2]
-    _run(
-        k["nchw_dx"],
-        nthreads,
-        dy,
-        x,
-        mean,
-        weight * invstd,
-        sum_dy / count,
-        invstd * invstd * sum_dy_xmu / count,
-        dx,
-    )
+    _dx_with(k["nchw_dx"], dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads)
 
 
 # -------------------------------------------------------------------- nhwc kernels
@@ -258,8 +260,8 @@ def _nhwc_stats(x, mean, var, nthreads):
 
 def _nhwc_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
     _nhwc_stats(x, mean, var, nthreads)
-    np.divide(1.0, np.sqrt(var + eps), out=invstd)
-    _run(_compiled()["nhwc_normalize"], nthreads, x, mean, weight * invstd, bias, y)
+    k = _compiled()["nhwc_normalize"]
+    _normalize_with(k, x, weight, bias, eps, y, mean, var, invstd, nthreads)
 
 
 def _nhwc_normalize(x, mean, scale, bias, y, nthreads):
@@ -279,18 +281,8 @@ def _nhwc_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads):
 
 def _nhwc_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads):
     _nhwc_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads)
-    count = x.shape[0]
-    _run(
-        _compiled()["nhwc_dx"],
-        nthreads,
-        dy,
-        x,
-        mean,
-        weight * invstd,
-        sum_dy / count,
-        invstd * invstd * sum_dy_xmu / count,
-        dx,
-    )
+    k = _compiled()["nhwc_dx"]
+    _dx_with(k, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
