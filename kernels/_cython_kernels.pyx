@@ -45,10 +45,17 @@ from libc.stdlib cimport free, malloc
 from _openmp_helpers cimport (
     FASTBN_BUILD_SIMD,
     FASTBN_OPENMP_ENABLED,
+    FASTBN_STREAM_STORES,
     fastbn_cpu_has_x86_64_v3,
+    fastbn_llc_bytes,
     fastbn_omp_get_max_threads,
     fastbn_openmp_version,
     fastbn_prefetch,
+    fastbn_apply_nt_f32,
+    fastbn_apply_nt_f64,
+    fastbn_dx_nt_f32,
+    fastbn_dx_nt_f64,
+    fastbn_sfence,
 )
 
 ctypedef Py_ssize_t idx_t
@@ -73,6 +80,53 @@ NCHW_MIN_STRIPE_CHUNKS = _NCHW_MIN_STRIPE_CHUNKS
 NHWC_CHUNK = _NHWC_CHUNK
 NHWC_MAX_STRIPES = _NHWC_MAX_STRIPES
 SERIAL_WORK = _SERIAL_WORK
+
+
+# ---------------------------------------------------------------------------------------
+# Store rule. An output (y or dx) that does not fit in the last-level cache is written with
+# streaming stores (see _stream_stores.h): an ordinary store first reads the line it
+# writes (read-for-ownership), one memory pass more. The rule is shape-only: stream when the
+# output has at least `_stream_min_bytes` bytes (half the last-level cache, read once at
+# import; 16 MiB when the OS does not say), and never in place (`y is x`, `dx is dy`): the
+# lines were just read, so ordinary stores cost no extra pass there. Stores only move bits:
+# the results are the same either way. Only the NCHW kernels stream: for NHWC (rows across
+# the channels, per-channel constants loaded with every vector) streaming stores measured
+# 0-6% slower than ordinary ones on the project machine, so NHWC keeps ordinary stores.
+# ---------------------------------------------------------------------------------------
+cdef Py_ssize_t _stream_min_bytes = fastbn_llc_bytes() // 2
+if _stream_min_bytes <= 0:
+    _stream_min_bytes = 16 * 1024 * 1024
+
+
+def stream_min_bytes(n=None):
+    """Return (and optionally set) the output size from which streaming stores are used.
+
+    Parameters
+    ----------
+    n : int, optional
+        New threshold in bytes (``0`` streams every NCHW output that is not written in
+        place).
+        Meant for tests and benchmarks; the results never depend on it.
+
+    Returns
+    -------
+    int
+        The threshold before the call. Streaming stores are compiled in only on x86 (SSE2
+        or AVX); elsewhere outputs always use ordinary stores.
+    """
+    global _stream_min_bytes
+    cdef Py_ssize_t old = _stream_min_bytes
+    if n is not None:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        _stream_min_bytes = n
+    return old
+
+
+cdef inline bint _use_stream(const void* out, const void* a, const void* b,
+                             idx_t nbytes) noexcept nogil:
+    """Whether an output of ``nbytes`` at ``out`` (inputs ``a``, ``b``) is streamed."""
+    return (FASTBN_STREAM_STORES and nbytes >= _stream_min_bytes and out != a and out != b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -296,6 +350,28 @@ cdef inline void _dx(const floating* dy, const floating* x, floating* dx, idx_t 
         dx[i] = <floating>(k * ((dy[i] - a) - (x[i] - m) * q))
 
 
+cdef inline void _apply_out(const floating* x, floating* y, idx_t n, double m, double sc,
+                            double b, bint stream) noexcept nogil:
+    """``_apply``, with streaming stores when ``stream``."""
+    if not stream:
+        _apply(x, y, n, m, sc, b)
+    elif floating is float:
+        fastbn_apply_nt_f32(x, y, n, m, sc, b)
+    else:
+        fastbn_apply_nt_f64(x, y, n, m, sc, b)
+
+
+cdef inline void _dx_out(const floating* dy, const floating* x, floating* dx, idx_t n,
+                         double m, double k, double a, double q, bint stream) noexcept nogil:
+    """``_dx``, with streaming stores when ``stream``."""
+    if not stream:
+        _dx(dy, x, dx, n, m, k, a, q)
+    elif floating is float:
+        fastbn_dx_nt_f32(dy, x, dx, n, m, k, a, q)
+    else:
+        fastbn_dx_nt_f64(dy, x, dx, n, m, k, a, q)
+
+
 cdef inline void _chan(double* na, double* ma, double* m2a,
                        double nb, double mb, double m2b) noexcept nogil:
     """Merge the partial ``(nb, mb, m2b)`` into ``(na, ma, m2a)`` (Chan et al.)."""
@@ -410,7 +486,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
 
 
 cdef void _nchw_apply(const floating* x, floating* y, idx_t S, idx_t CS, idx_t a, idx_t b,
-                      double m, double sc, double bias) noexcept nogil:
+                      double m, double sc, double bias, bint stream) noexcept nogil:
     cdef idx_t i, n, s, L
     i = a
     n = i // S
@@ -419,22 +495,26 @@ cdef void _nchw_apply(const floating* x, floating* y, idx_t S, idx_t CS, idx_t a
         L = S - s
         if L > b - i:
             L = b - i
-        _apply(x + n * CS + s, y + n * CS + s, L, m, sc, bias)
+        _apply_out(x + n * CS + s, y + n * CS + s, L, m, sc, bias, stream)
         i += L
         n += 1
         s = 0
+    if stream:
+        fastbn_sfence()
 
 
 cdef void _nchw_rows_apply(const floating* x, floating* y, idx_t S, idx_t C, idx_t r0,
                            idx_t r1, const double* m, const double* sc,
-                           const double* b) noexcept nogil:
+                           const double* b, bint stream) noexcept nogil:
     """Normalize rows ``[r0, r1)`` of the ``(N*C, S)`` view, channel ``r % C``."""
     cdef idx_t r, c = r0 % C
     for r in range(r0, r1):
-        _apply(x + r * S, y + r * S, S, m[c], sc[c], b[c])
+        _apply_out(x + r * S, y + r * S, S, m[c], sc[c], b[c], stream)
         c += 1
         if c == C:
             c = 0
+    if stream:
+        fastbn_sfence()
 
 
 cdef void _nchw_bsums(const floating* dy, const floating* x, idx_t S, idx_t CS,
@@ -462,7 +542,8 @@ cdef void _nchw_bsums(const floating* dy, const floating* x, idx_t S, idx_t CS,
 
 
 cdef void _nchw_dx(const floating* dy, const floating* x, floating* dx, idx_t S, idx_t CS,
-                   idx_t a, idx_t b, double m, double k, double am, double q) noexcept nogil:
+                   idx_t a, idx_t b, double m, double k, double am, double q,
+                   bint stream) noexcept nogil:
     cdef idx_t i, n, s, L
     i = a
     n = i // S
@@ -471,15 +552,17 @@ cdef void _nchw_dx(const floating* dy, const floating* x, floating* dx, idx_t S,
         L = S - s
         if L > b - i:
             L = b - i
-        _dx(dy + n * CS + s, x + n * CS + s, dx + n * CS + s, L, m, k, am, q)
+        _dx_out(dy + n * CS + s, x + n * CS + s, dx + n * CS + s, L, m, k, am, q, stream)
         i += L
         n += 1
         s = 0
+    if stream:
+        fastbn_sfence()
 
 
 cdef void _nchw_forward_channel(const floating* x, floating* y, idx_t S, idx_t CS, idx_t M,
-                                double w, double bias, double eps,
-                                double* mean, double* var, double* invstd) noexcept nogil:
+                                double w, double bias, double eps, double* mean,
+                                double* var, double* invstd, bint stream) noexcept nogil:
     """Statistics of one whole channel, then normalize it while it is in cache."""
     cdef double cnt, m, m2, v, inv
     _nchw_moments(x, S, CS, 0, M, &cnt, &m, &m2)
@@ -488,19 +571,20 @@ cdef void _nchw_forward_channel(const floating* x, floating* y, idx_t S, idx_t C
     mean[0] = m
     var[0] = v
     invstd[0] = inv
-    _nchw_apply(x, y, S, CS, 0, M, m, w * inv, bias)
+    _nchw_apply(x, y, S, CS, 0, M, m, w * inv, bias, stream)
 
 
 cdef void _nchw_backward_channel(const floating* dy, const floating* x, floating* dx,
                                  idx_t S, idx_t CS, idx_t M, double m, double inv, double w,
-                                 double* sum_dy, double* sum_dy_xmu) noexcept nogil:
+                                 double* sum_dy, double* sum_dy_xmu,
+                                 bint stream) noexcept nogil:
     """Backward sums of one whole channel, then its ``dx`` while it is in cache."""
     cdef double sdy, sxm
     _nchw_bsums(dy, x, S, CS, 0, M, m, &sdy, &sxm)
     sum_dy[0] = sdy
     sum_dy_xmu[0] = sxm
     _nchw_dx(dy, x, dx, S, CS, 0, M, m, w * inv, sdy / <double>M,
-             inv * inv * sxm / <double>M)
+             inv * inv * sxm / <double>M, stream)
 
 
 cdef void _merge_partials(idx_t C, idx_t ns, const double* pn, const double* pm,
@@ -646,11 +730,12 @@ def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
     cdef double* pn
     cdef double* pm
     cdef double* pm2
+    cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating))
     if ns == 1:
         with nogil:
             for c in prange(C, schedule="static", num_threads=nt):
                 _nchw_forward_channel(xp + c * S, yp + c * S, S, CS, M, wp[c], bp[c], eps,
-                                      &mp[c], &vp[c], &ip[c])
+                                      &mp[c], &vp[c], &ip[c], st)
         return
     pn = _alloc(nu)
     try:
@@ -676,7 +761,7 @@ def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
                     if e > M:
                         e = M
                     _nchw_apply(xp + c * S, yp + c * S, S, CS, k * sl, e, mp[c],
-                                wp[c] * ip[c], bp[c])
+                                wp[c] * ip[c], bp[c], st)
             free(pm2)
         finally:
             free(pm)
@@ -717,12 +802,13 @@ def nchw_normalize(const floating[:, :, ::1] x, const double[::1] mean,
     cdef const double* mp = &mean[0]
     cdef const double* sp = &scale[0]
     cdef const double* bp = &bias[0]
+    cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating))
     with nogil:
         for blk in prange(nblk, schedule="static", num_threads=nt):
             e = (blk + 1) * rb
             if e > nrows:
                 e = nrows
-            _nchw_rows_apply(xp, yp, S, C, blk * rb, e, mp, sp, bp)
+            _nchw_rows_apply(xp, yp, S, C, blk * rb, e, mp, sp, bp, st)
 
 
 def nchw_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1] x,
@@ -822,11 +908,12 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
     cdef double* qp = &sum_dy_xmu[0]
     cdef double* ps
     cdef double inv
+    cdef bint st = _use_stream(dp, gp, xp, M * C * sizeof(floating))
     if ns == 1:
         with nogil:
             for c in prange(C, schedule="static", num_threads=nt):
                 _nchw_backward_channel(gp + c * S, xp + c * S, dp + c * S, S, CS, M,
-                                       mp[c], ip[c], wp[c], &sp[c], &qp[c])
+                                       mp[c], ip[c], wp[c], &sp[c], &qp[c], st)
         return
     ps = _alloc(2 * nu)
     try:
@@ -853,7 +940,7 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
                     e = M
                 inv = ip[c]
                 _nchw_dx(gp + c * S, xp + c * S, dp + c * S, S, CS, k * sl, e, mp[c],
-                         wp[c] * inv, sp[c] / <double>M, inv * inv * qp[c] / <double>M)
+                         wp[c] * inv, sp[c] / <double>M, inv * inv * qp[c] / <double>M, st)
     finally:
         free(ps)
 

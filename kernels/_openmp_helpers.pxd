@@ -64,3 +64,19 @@ cdef extern from *:
     #endif
     """
     void fastbn_prefetch(const void* p) noexcept nogil
+
+
+# Streaming (non-temporal) stores for large outputs: the elementwise loops of the kernels
+# with streaming stores (see _stream_stores.h; same bits as the plain loops).
+cdef extern from "_stream_stores.h":
+    bint FASTBN_STREAM_STORES
+    void fastbn_sfence() noexcept nogil
+    long fastbn_llc_bytes() noexcept nogil
+    void fastbn_apply_nt_f32(const float* x, float* y, Py_ssize_t n, double m, double sc,
+                             double b) noexcept nogil
+    void fastbn_apply_nt_f64(const double* x, double* y, Py_ssize_t n, double m, double sc,
+                             double b) noexcept nogil
+    void fastbn_dx_nt_f32(const float* g, const float* x, float* d, Py_ssize_t n, double m,
+                          double k, double a, double q) noexcept nogil
+    void fastbn_dx_nt_f64(const double* g, const double* x, double* d, Py_ssize_t n,
+                          double m, double k, double a, double q) noexcept nogil
