@@ -995,7 +995,7 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
             for c in range(C):
                 smean[c] = kc[c] + sd[c] * ik
                 cm2 = sdd[c] - sd[c] * sd[c] * ik
-                sm2[c] = cm2 if cm2 > 0.0 else 0.0
+                sm2[c] = 0.0 if cm2 < 0.0 else cm2  # a NaN stays NaN
         else:
             tot = na + k
             w = k / tot
