@@ -51,6 +51,7 @@ from _openmp_helpers cimport (
     fastbn_omp_get_max_threads,
     fastbn_openmp_version,
     fastbn_prefetch,
+    fastbn_prefetch_w,
     fastbn_apply_nt_f32,
     fastbn_apply_nt_f64,
     fastbn_dx_nt_f32,
@@ -68,6 +69,12 @@ cdef enum:
     _NCHW_STRIPE_MAX_C = 16
     _NCHW_TARGET_UNITS = 32
     _NCHW_MIN_STRIPE_CHUNKS = 16
+    # Short rows: a fused work unit is a group of channels (see _nchw_group).
+    _NCHW_GROUP_VALUES = 1024
+    _NCHW_GROUP_MAX = 64
+    _NCHW_GROUP_CACHE = 131072
+    # ... and prefetches the runs of the sample this many samples ahead.
+    _NCHW_GROUP_AHEAD = 2
     _NHWC_CHUNK = 32768
     _NHWC_MAX_STRIPES = 32
     # Below this many values a call runs on one thread (same grid, hence same result).
@@ -208,6 +215,27 @@ cdef inline idx_t _nchw_stripe_len(idx_t C, idx_t M) noexcept nogil:
         ns = 1
     per = _ceil_div(nchunks, ns)
     return per * _NCHW_CHUNK
+
+
+cdef inline idx_t _nchw_group(idx_t C, idx_t S, idx_t M) noexcept nogil:
+    """Channels per work unit of the fused NCHW kernels (1: one channel at a time).
+
+    With short rows (e.g. ``S = 49``) a channel is ``N`` scattered pieces of a few cache
+    lines, which the hardware prefetcher does not follow. A group of ``G`` adjacent
+    channels is ``N`` contiguous runs of ``G*S`` values, so the fused kernels walk it sample
+    by sample. ``G*S`` aims at ``NCHW_GROUP_VALUES``; a group holds at most
+    ``NCHW_GROUP_CACHE`` values of one array (it is read again from cache for the output)
+    and at most ``NCHW_GROUP_MAX`` channels. Every channel is still computed exactly as
+    alone (same runs, same order), so the grouping never changes a bit.
+    """
+    cdef idx_t g = _ceil_div(_NCHW_GROUP_VALUES, S)
+    if g > _NCHW_GROUP_MAX:
+        g = _NCHW_GROUP_MAX
+    if g > _NCHW_GROUP_CACHE // M:
+        g = _NCHW_GROUP_CACHE // M
+    if g > C:
+        g = C
+    return g if g > 1 else 1
 
 
 cdef inline idx_t _nhwc_chunk_rows(idx_t C) noexcept nogil:
@@ -587,6 +615,86 @@ cdef void _nchw_backward_channel(const floating* dy, const floating* x, floating
              inv * inv * sxm / <double>M, stream)
 
 
+cdef inline void _prefetch_run(const void* p, idx_t nbytes, bint write) noexcept nogil:
+    """Prefetch (into L2) the contiguous bytes ``[p, p + nbytes)``, one call per line."""
+    cdef const char* q = <const char*>p
+    cdef idx_t j
+    for j in range(0, nbytes, 64):
+        if write:
+            fastbn_prefetch_w(q + j)
+        else:
+            fastbn_prefetch(q + j)
+
+
+cdef void _nchw_forward_group(const floating* x, floating* y, idx_t S, idx_t CS, idx_t N,
+                              idx_t c0, idx_t c1, const double* w, const double* bias,
+                              double eps, double* mean, double* var, double* invstd,
+                              bint stream) noexcept nogil:
+    """``_nchw_forward_channel`` for channels ``[c0, c1)``, ``y`` written sample by sample."""
+    cdef idx_t M = N * S, c, n, o
+    cdef double cnt, m, m2, v
+    for c in range(c0, c1):
+        _nchw_moments(x + c * S, S, CS, 0, M, &cnt, &m, &m2)
+        v = m2 / <double>M
+        mean[c] = m
+        var[c] = v
+        invstd[c] = 1.0 / sqrt(v + eps)
+    for n in range(N):
+        # A group's runs are on other pages sample after sample: the hardware prefetcher
+        # does not follow, so the output lines of a later sample are requested now.
+        if n + _NCHW_GROUP_AHEAD < N and not stream:
+            o = (n + _NCHW_GROUP_AHEAD) * CS + c0 * S
+            _prefetch_run(y + o, (c1 - c0) * S * sizeof(floating), True)
+        for c in range(c0, c1):
+            o = n * CS + c * S
+            _apply_out(x + o, y + o, S, mean[c], w[c] * invstd[c], bias[c], stream)
+    if stream:
+        fastbn_sfence()
+
+
+cdef void _nchw_backward_group(const floating* dy, const floating* x, floating* dx, idx_t S,
+                               idx_t CS, idx_t N, idx_t c0, idx_t c1, const double* mean,
+                               const double* invstd, const double* w, double* sum_dy,
+                               double* sum_dy_xmu, bint stream) noexcept nogil:
+    """``_nchw_backward_channel`` for channels ``[c0, c1)``, read sample by sample.
+
+    Each channel has its own 2 x 16 lanes, fed with its rows in the same order as alone.
+    """
+    cdef double lanes[2 * _LANES * _NCHW_GROUP_MAX]
+    cdef double* la
+    cdef idx_t M = N * S, c, n, o
+    cdef double inv
+    for c in range(2 * _LANES * (c1 - c0)):
+        lanes[c] = 0.0
+    for n in range(N):
+        # A group's runs are on other pages sample after sample: the hardware prefetcher
+        # does not follow, so the runs of a later sample are requested now.
+        if n + _NCHW_GROUP_AHEAD < N:
+            o = (n + _NCHW_GROUP_AHEAD) * CS + c0 * S
+            _prefetch_run(dy + o, (c1 - c0) * S * sizeof(floating), False)
+            _prefetch_run(x + o, (c1 - c0) * S * sizeof(floating), False)
+        for c in range(c0, c1):
+            o = n * CS + c * S
+            la = lanes + 2 * _LANES * (c - c0)
+            _acc_sum(dy + o, S, la)
+            _acc_dot(dy + o, x + o, S, mean[c], la + _LANES)
+    for c in range(c0, c1):
+        la = lanes + 2 * _LANES * (c - c0)
+        sum_dy[c] = _fold(la)
+        sum_dy_xmu[c] = _fold(la + _LANES)
+    for n in range(N):
+        if n + _NCHW_GROUP_AHEAD < N and not stream:
+            o = (n + _NCHW_GROUP_AHEAD) * CS + c0 * S
+            _prefetch_run(dx + o, (c1 - c0) * S * sizeof(floating), True)
+        for c in range(c0, c1):
+            o = n * CS + c * S
+            inv = invstd[c]
+            _dx_out(dy + o, x + o, dx + o, S, mean[c], w[c] * inv, sum_dy[c] / <double>M,
+                    inv * inv * sum_dy_xmu[c] / <double>M, stream)
+    if stream:
+        fastbn_sfence()
+
+
 cdef void _merge_partials(idx_t C, idx_t ns, const double* pn, const double* pm,
                           const double* pm2, double* mean, double* m2) noexcept nogil:
     """Merge the ``ns`` stripe partials of every channel in stripe order."""
@@ -731,6 +839,16 @@ def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
     cdef double* pm
     cdef double* pm2
     cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating))
+    cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
+    if g > 1:
+        nt = _team(nthreads, _ceil_div(C, g), M * C)
+        with nogil:
+            for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
+                e = (u + 1) * g
+                if e > C:
+                    e = C
+                _nchw_forward_group(xp, yp, S, CS, N, u * g, e, wp, bp, eps, mp, vp, ip, st)
+        return
     if ns == 1:
         with nogil:
             for c in prange(C, schedule="static", num_threads=nt):
@@ -909,6 +1027,16 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
     cdef double* ps
     cdef double inv
     cdef bint st = _use_stream(dp, gp, xp, M * C * sizeof(floating))
+    cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
+    if g > 1:
+        nt = _team(nthreads, _ceil_div(C, g), M * C)
+        with nogil:
+            for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
+                e = (u + 1) * g
+                if e > C:
+                    e = C
+                _nchw_backward_group(gp, xp, dp, S, CS, N, u * g, e, mp, ip, wp, sp, qp, st)
+        return
     if ns == 1:
         with nogil:
             for c in prange(C, schedule="static", num_threads=nt):

@@ -59,11 +59,14 @@ cdef extern from *:
     """
     #if defined(__GNUC__) || defined(__clang__)
         #define fastbn_prefetch(p) __builtin_prefetch((const void*)(p), 0, 2)
+        #define fastbn_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 2)
     #else
         #define fastbn_prefetch(p) ((void)0)
+        #define fastbn_prefetch_w(p) ((void)0)
     #endif
     """
     void fastbn_prefetch(const void* p) noexcept nogil
+    void fastbn_prefetch_w(const void* p) noexcept nogil  # for a line about to be written
 
 
 # Streaming (non-temporal) stores for large outputs: the elementwise loops of the kernels

@@ -303,6 +303,8 @@ BIG_CASES = [
     ("nhwc", (100, 8193)),
     ("nhwc", (3, 40_000)),
     ("nhwc", (2049, 129)),
+    # Short rows: fused NCHW work units are groups of channels (two uneven groups here).
+    ("nchw", (64, 40, 49)),
 ]
 
 
