@@ -22,7 +22,9 @@ channel: its statistics are computed and the channel is normalized (or its backw
 computed and ``dx`` written) while it is still in cache. When ``C`` is smaller, each
 channel is cut into ``min(ceil(NCHW_TARGET_UNITS / C), nchunks // NCHW_MIN_STRIPE_CHUNKS)``
 stripes of whole chunks so that several cores share a channel; stripe partials are merged
-in stripe order before a second parallel pass normalizes (or writes ``dx``).
+in stripe order before a second parallel pass normalizes (or writes ``dx``). With short rows
+a fused work unit is a group of adjacent channels (``grid()["group"]``), walked sample by
+sample over contiguous runs; each channel is still computed exactly as alone.
 
 NHWC. Rows are cut into chunks of ``max(1, NHWC_CHUNK // C)`` rows and chunks into at most
 ``NHWC_MAX_STRIPES`` stripes of whole chunks. Inner loops run across the contiguous
@@ -34,7 +36,9 @@ order.
 
 All reductions use 16 float64 lanes with a fixed fold, so the bits do not depend on the
 thread count nor on the SIMD width the compiler chose (the portable and x86-64-v3 builds
-agree). Elementwise maths is done in float64 and rounded once to the data type.
+agree). Elementwise maths is done in float64 and rounded once to the data type. Large NCHW
+outputs are written with streaming stores (see ``stream_min_bytes``); stores never change
+a value.
 """
 
 from cython cimport floating
@@ -274,8 +278,8 @@ def grid(layout, shape):
     dict
         ``chunk`` (values per NCHW chunk, or rows per NHWC chunk), ``stripe`` (values per
         NCHW stripe, or rows per NHWC stripe), ``stripes`` (stripes per channel for NCHW,
-        stripes over the rows for NHWC) and ``fused`` (NCHW: whether a channel is
-        normalized while in cache).
+        stripes over the rows for NHWC), ``fused`` (NCHW: whether a channel is
+        normalized while in cache) and, for NCHW, ``group`` (channels per fused work unit).
     """
     cdef idx_t N, C, S, R, M, sl
     if layout == "nchw":
@@ -283,7 +287,8 @@ def grid(layout, shape):
         M = N * S
         sl = _nchw_stripe_len(C, M)
         return {"chunk": _NCHW_CHUNK, "stripe": sl, "stripes": _ceil_div(M, sl),
-                "fused": _ceil_div(M, sl) == 1}
+                "fused": _ceil_div(M, sl) == 1,
+                "group": _nchw_group(C, S, M) if _ceil_div(M, sl) == 1 else 1}
     if layout == "nhwc":
         R, C = shape
         sl = _nhwc_stripe_rows(R, C)

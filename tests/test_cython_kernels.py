@@ -264,6 +264,9 @@ def test_grid_covers_stripes() -> None:
         g["stripes"] > 2 and s[0] % g["stripe"] for g, s in zip(nhwc, NHWC_SHAPES, strict=True)
     )
     assert any(g["chunk"] == 1 for g in nhwc)
+    # Short NCHW rows: several channels per fused unit, and several units.
+    assert any(g["group"] > 1 for g in nchw)
+    assert any(1 < g["group"] < s[1] for g, s in zip(nchw, NCHW_SHAPES, strict=True))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
