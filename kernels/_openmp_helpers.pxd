@@ -59,8 +59,27 @@ cdef extern from *:
     """
     #if defined(__GNUC__) || defined(__clang__)
         #define fastbn_prefetch(p) __builtin_prefetch((const void*)(p), 0, 2)
+        #define fastbn_prefetch_w(p) __builtin_prefetch((const void*)(p), 1, 2)
     #else
         #define fastbn_prefetch(p) ((void)0)
+        #define fastbn_prefetch_w(p) ((void)0)
     #endif
     """
     void fastbn_prefetch(const void* p) noexcept nogil
+    void fastbn_prefetch_w(const void* p) noexcept nogil  # for a line about to be written
+
+
+# Streaming (non-temporal) stores for large outputs: the elementwise loops of the kernels
+# with streaming stores (see _stream_stores.h; same bits as the plain loops).
+cdef extern from "_stream_stores.h":
+    bint FASTBN_STREAM_STORES
+    void fastbn_sfence() noexcept nogil
+    long fastbn_llc_bytes() noexcept nogil
+    void fastbn_apply_nt_f32(const float* x, float* y, Py_ssize_t n, double m, double sc,
+                             double b) noexcept nogil
+    void fastbn_apply_nt_f64(const double* x, double* y, Py_ssize_t n, double m, double sc,
+                             double b) noexcept nogil
+    void fastbn_dx_nt_f32(const float* g, const float* x, float* d, Py_ssize_t n, double m,
+                          double k, double a, double q) noexcept nogil
+    void fastbn_dx_nt_f64(const double* g, const double* x, double* d, Py_ssize_t n,
+                          double m, double k, double a, double q) noexcept nogil

@@ -264,6 +264,9 @@ def test_grid_covers_stripes() -> None:
         g["stripes"] > 2 and s[0] % g["stripe"] for g, s in zip(nhwc, NHWC_SHAPES, strict=True)
     )
     assert any(g["chunk"] == 1 for g in nhwc)
+    # Short NCHW rows: several channels per fused unit, and several units.
+    assert any(g["group"] > 1 for g in nchw)
+    assert any(1 < g["group"] < s[1] for g, s in zip(nchw, NCHW_SHAPES, strict=True))
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -303,6 +306,8 @@ BIG_CASES = [
     ("nhwc", (100, 8193)),
     ("nhwc", (3, 40_000)),
     ("nhwc", (2049, 129)),
+    # Short rows: fused NCHW work units are groups of channels (two uneven groups here).
+    ("nchw", (64, 40, 49)),
 ]
 
 
@@ -434,6 +439,78 @@ def test_simd_builds_give_the_same_bits(
     for name, value in a.items():
         what = _what(kernel, layout, x, f"output={name} {base.build_simd()} vs avx2 build")
         assert value.tobytes() == b[name].tobytes(), what
+
+
+def _unaligned_like(x: np.ndarray, shift: int) -> np.ndarray:
+    """An empty array like `x` whose data starts `shift` elements after an aligned address."""
+    buf = np.empty(x.size + 64, dtype=x.dtype)
+    start = (-buf.ctypes.data // x.itemsize) % (64 // x.itemsize) + shift
+    return buf[start : start + x.size].reshape(x.shape)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize(
+    "case",
+    [("nchw", (3, 5, 37)), ("nchw", (2, 3, 4099)), ("nchw", (3, 2, 50001))],
+    ids=_case_id,
+)
+@pytest.mark.parametrize("kernel", ["train_forward", "normalize", "backward_train"])
+def test_streaming_stores_give_the_same_bits(
+    kernel: str, case: tuple[str, tuple[int, ...]], dtype: type
+) -> None:
+    """Large outputs are written with streaming stores: same bits as ordinary stores.
+
+    The size threshold is lowered to 0 so small arrays take the streaming path, with outputs
+    at every offset from a vector-aligned address (unaligned heads and tails), on every
+    build; in-place calls keep ordinary stores and still match.
+    """
+    layout, shape = case
+    x = _data(shape, layout, dtype, seed=13)
+    dy = _data(shape, layout, dtype, seed=14, offset=0.5, spread=1.0)
+    want = run(kernel, layout, x, 2, dy=dy, module=_builds()[0])
+    for module in _builds():
+        old = module.stream_min_bytes(0)
+        try:
+            for shift in (0, 1, 3):
+                for nthreads in (1, 2):
+                    out = _unaligned_like(x, shift)
+                    k = getattr(module, f"{layout}_{kernel}")
+                    c = x.shape[1]
+                    weight, bias = _params(c, 0)
+                    mean, var = ref.moments(x)
+                    invstd = 1.0 / np.sqrt(var + EPS)
+                    if kernel == "train_forward":
+                        v = [np.empty(c) for _ in range(3)]
+                        k(x, weight, bias, EPS, out, *v, nthreads)
+                    elif kernel == "normalize":
+                        k(x, mean, weight * invstd, bias, out, nthreads)
+                    else:
+                        k(dy, x, mean, invstd, weight, out, np.empty(c), np.empty(c), nthreads)
+                    name = "dx" if kernel == "backward_train" else "y"
+                    what = _what(
+                        kernel,
+                        layout,
+                        x,
+                        f"output={name} streaming {module.build_simd()} shift={shift}",
+                    )
+                    assert out.tobytes() == want[name].tobytes(), what
+            inplace = run(kernel, layout, x.copy(), 2, dy=dy.copy(), inplace=True, module=module)
+            for name, value in want.items():
+                what = _what(kernel, layout, x, f"output={name} in place, streaming on")
+                assert value.tobytes() == inplace[name].tobytes(), what
+        finally:
+            module.stream_min_bytes(old)
+
+
+def test_stream_threshold() -> None:
+    """The streaming threshold is positive by default, settable, and rejects negatives."""
+    for module in _builds():
+        old = module.stream_min_bytes()
+        assert old > 0
+        assert module.stream_min_bytes(123) == old
+        assert module.stream_min_bytes(old) == 123
+        with pytest.raises(ValueError, match="n must be >= 0"):
+            module.stream_min_bytes(-1)
 
 
 @pytest.mark.parametrize("layout", LAYOUTS)

@@ -1,0 +1,140 @@
+/* Streaming (non-temporal) stores for fastbn's large outputs.
+ *
+ * An ordinary store to a line that is not in cache first reads that line from memory
+ * (read-for-ownership), so writing an output as large as the input costs one memory pass
+ * more than needed. A streaming store writes whole lines straight to memory. The functions
+ * below are the elementwise loops of the NCHW kernels (_apply and _dx) with the body
+ * written with SIMD intrinsics and streaming stores: ordinary stores up to the first
+ * vector-aligned output address, aligned streaming stores for the body, ordinary stores
+ * for the tail.
+ *
+ * Same bits as the plain loops: every value is computed with the same IEEE operations in the
+ * same order (float32 widened exactly to float64, sub/mul/add in float64, one rounding to
+ * float32 in the default rounding mode), and the build uses -ffp-contract=off so nothing is
+ * fused into FMA. The x86-64-v3 (or AVX) build uses 256-bit vectors, the baseline SSE2 build
+ * 128-bit ones; other targets get the plain loops (FASTBN_STREAM_STORES == 0).
+ *
+ * Streaming stores are weakly ordered: a thread calls fastbn_sfence() after its last one,
+ * before its part of the parallel region ends.
+ */
+#ifndef FASTBN_STREAM_STORES_H
+#define FASTBN_STREAM_STORES_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <unistd.h>
+
+#if defined(__AVX__)
+    #include <immintrin.h>
+    #define FASTBN_STREAM_STORES 1
+    #define FBN_W 4                        /* doubles per vector */
+    #define FBN_ALIGN 32u                  /* bytes of one streaming store */
+    typedef __m256d fbn_vd;
+    #define fbn_set1(v) _mm256_set1_pd(v)
+    #define fbn_add(a, b) _mm256_add_pd(a, b)
+    #define fbn_sub(a, b) _mm256_sub_pd(a, b)
+    #define fbn_mul(a, b) _mm256_mul_pd(a, b)
+    #define fbn_loadd(p) _mm256_loadu_pd(p)
+    #define fbn_loadf(p) _mm256_cvtps_pd(_mm_loadu_ps(p))      /* FBN_W floats, widened */
+    /* Round 2*FBN_W doubles to float and stream them. */
+    #define fbn_streamf(p, a, b) \
+        _mm256_stream_ps((p), _mm256_set_m128(_mm256_cvtpd_ps(b), _mm256_cvtpd_ps(a)))
+    #define fbn_streamd(p, a) _mm256_stream_pd((p), (a))
+    #define fastbn_sfence() _mm_sfence()
+#elif defined(__SSE2__)
+    #include <emmintrin.h>
+    #define FASTBN_STREAM_STORES 1
+    #define FBN_W 2
+    #define FBN_ALIGN 16u
+    typedef __m128d fbn_vd;
+    #define fbn_set1(v) _mm_set1_pd(v)
+    #define fbn_add(a, b) _mm_add_pd(a, b)
+    #define fbn_sub(a, b) _mm_sub_pd(a, b)
+    #define fbn_mul(a, b) _mm_mul_pd(a, b)
+    #define fbn_loadd(p) _mm_loadu_pd(p)
+    #define fbn_loadf(p) _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(p))))
+    #define fbn_streamf(p, a, b) \
+        _mm_stream_ps((p), _mm_movelh_ps(_mm_cvtpd_ps(a), _mm_cvtpd_ps(b)))
+    #define fbn_streamd(p, a) _mm_stream_pd((p), (a))
+    #define fastbn_sfence() _mm_sfence()
+#else
+    #define FASTBN_STREAM_STORES 0
+    #define fastbn_sfence() ((void)0)
+#endif
+
+/* Elements before the first FBN_ALIGN-aligned address of p (all of n if never aligned). */
+#define FBN_HEAD(p, n, size) fbn_head((uintptr_t)(p), (n), (size))
+static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
+#if FASTBN_STREAM_STORES
+    ptrdiff_t h;
+    if (a % size) return n;
+    h = (ptrdiff_t)(((FBN_ALIGN - a % FBN_ALIGN) % FBN_ALIGN) / size);
+    return h < n ? h : n;
+#else
+    (void)a; (void)size;
+    return n;
+#endif
+}
+
+/* y = (x - m) * sc + b, scalar constants (NCHW rows). */
+#define FBN_APPLY1(X) fbn_add(fbn_mul(fbn_sub((X), vm), vs), vb)
+static void fastbn_apply_nt_f32(const float* x, float* y, ptrdiff_t n, double m, double sc,
+                                double b) {
+    ptrdiff_t i = 0, h = FBN_HEAD(y, n, sizeof(float));
+    for (; i < h; i++) y[i] = (float)((x[i] - m) * sc + b);
+#if FASTBN_STREAM_STORES
+    fbn_vd vm = fbn_set1(m), vs = fbn_set1(sc), vb = fbn_set1(b);
+    for (; i + 2 * FBN_W <= n; i += 2 * FBN_W)
+        fbn_streamf(y + i, FBN_APPLY1(fbn_loadf(x + i)), FBN_APPLY1(fbn_loadf(x + i + FBN_W)));
+#endif
+    for (; i < n; i++) y[i] = (float)((x[i] - m) * sc + b);
+}
+static void fastbn_apply_nt_f64(const double* x, double* y, ptrdiff_t n, double m, double sc,
+                                double b) {
+    ptrdiff_t i = 0, h = FBN_HEAD(y, n, sizeof(double));
+    for (; i < h; i++) y[i] = (x[i] - m) * sc + b;
+#if FASTBN_STREAM_STORES
+    fbn_vd vm = fbn_set1(m), vs = fbn_set1(sc), vb = fbn_set1(b);
+    for (; i + FBN_W <= n; i += FBN_W)
+        fbn_streamd(y + i, FBN_APPLY1(fbn_loadd(x + i)));
+#endif
+    for (; i < n; i++) y[i] = (x[i] - m) * sc + b;
+}
+
+/* dx = k * ((dy - a) - (x - m) * q), scalar constants (NCHW rows). */
+#define FBN_DX1(G, X) fbn_mul(vk, fbn_sub(fbn_sub((G), va), fbn_mul(fbn_sub((X), vm), vq)))
+static void fastbn_dx_nt_f32(const float* g, const float* x, float* d, ptrdiff_t n, double m,
+                             double k, double a, double q) {
+    ptrdiff_t i = 0, h = FBN_HEAD(d, n, sizeof(float));
+    for (; i < h; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
+#if FASTBN_STREAM_STORES
+    fbn_vd vm = fbn_set1(m), vk = fbn_set1(k), va = fbn_set1(a), vq = fbn_set1(q);
+    for (; i + 2 * FBN_W <= n; i += 2 * FBN_W)
+        fbn_streamf(d + i, FBN_DX1(fbn_loadf(g + i), fbn_loadf(x + i)),
+                    FBN_DX1(fbn_loadf(g + i + FBN_W), fbn_loadf(x + i + FBN_W)));
+#endif
+    for (; i < n; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
+}
+static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdiff_t n,
+                             double m, double k, double a, double q) {
+    ptrdiff_t i = 0, h = FBN_HEAD(d, n, sizeof(double));
+    for (; i < h; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
+#if FASTBN_STREAM_STORES
+    fbn_vd vm = fbn_set1(m), vk = fbn_set1(k), va = fbn_set1(a), vq = fbn_set1(q);
+    for (; i + FBN_W <= n; i += FBN_W)
+        fbn_streamd(d + i, FBN_DX1(fbn_loadd(g + i), fbn_loadd(x + i)));
+#endif
+    for (; i < n; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
+}
+
+/* Size of the last-level cache in bytes (0 when the OS does not say). */
+static long fastbn_llc_bytes(void) {
+    long v = 0;
+#if defined(_SC_LEVEL3_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#endif
+    return v > 0 ? v : 0;
+}
+
+#endif
