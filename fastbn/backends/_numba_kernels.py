@@ -113,7 +113,7 @@ def merge(na, ma, m2a, nb, mb, m2b):
     return n, ma + delta * f, m2a + m2b + delta * delta * na * f
 
 
-@inline
+@serial
 def nchw_grid(n_rows, s):
     """Chunk grid of one channel: (rows per chunk, row blocks, piece length, pieces)."""
     if s >= CHUNK:

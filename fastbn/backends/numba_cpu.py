@@ -143,15 +143,6 @@ def _stripes(nchunks: int) -> int:
     return max(1, min(MAX_STRIPES, nchunks))
 
 
-def _nchw_chunks(n_rows: int, s: int) -> int:
-    """Number of chunks per channel of the nchw grid (mirrors ``nchw_grid``)."""
-    if s >= CHUNK:
-        pieces = -(-s // CHUNK)
-        piece = -(-s // pieces)
-        return n_rows * -(-s // piece)
-    return -(-n_rows // max(1, CHUNK // s))
-
-
 def _nhwc_rows(n_ch: int) -> int:
     return max(1, CHUNK // n_ch)
 
@@ -182,7 +173,8 @@ def _nchw_stats(x, mean, var, nthreads):
     if _per_channel_path(x):
         _run(k["nchw_stats_channels"], nthreads, x, mean, var)
         return
-    stripes = _stripes(_nchw_chunks(x.shape[0], x.shape[2]))
+    _, blocks, _, pieces = k["nchw_grid"](x.shape[0], x.shape[2])
+    stripes = _stripes(blocks * pieces)
     part = np.empty((x.shape[1], stripes, 3))
     _run(k["nchw_stats_stripes"], nthreads, x, stripes, part)
     k["merge_parts"](part, mean, var)
