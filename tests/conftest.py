@@ -61,8 +61,8 @@ def dtype(request) -> np.dtype:
 
 #: Shapes in NCHW terms (N, C, *spatial). The numba kernels cut a channel into chunks of
 #: CHUNK = 4096 values and split the chunks into at most MAX_STRIPES = 16 stripes; NCHW
-#: with C >= 16 (or M <= CHUNK) runs one channel per thread, C < 16 with M > CHUNK runs
-#: the stripe path; S >= CHUNK cuts rows into pieces; S == 1 and (N, C) run as (R, C).
+#: with C >= 16 (or M <= CHUNK) runs one channel per thread (short rows: a group of
+#: adjacent channels per thread), C < 16 with M > CHUNK runs the stripe path; S >= CHUNK cuts rows into pieces; S == 1 and (N, C) run as (R, C).
 SHAPES = [
     # (N, C)
     (2, 1),  # C=1, M=2: the smallest training input
@@ -83,6 +83,7 @@ SHAPES = [
     (9, 20, 5, 3),  # C >= 16, whole rows per chunk
     (70, 2, 31, 31),  # stripe path with 18 row blocks > MAX_STRIPES
     (5, 4, 33, 31),  # stripe path, rows do not divide CHUNK
+    (200, 37, 7, 7),  # short rows: groups of 13 channels, the last one short; 3 row blocks
     # (N, C, D, H, W)
     (2, 3, 3, 4, 5),
     (3, 17, 2, 3, 3),
@@ -99,6 +100,7 @@ PATH_SHAPES = [
     (3, 17, 4099),
     (9, 20, 5, 3),
     (70, 2, 31, 31),
+    (200, 37, 7, 7),
     (2, 3, 3, 4, 5),
 ]
 

@@ -11,7 +11,14 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from .numba_cpu import _FASTMATH, CHUNK, _cache_enabled
+from .numba_cpu import (
+    _FASTMATH,
+    CHUNK,
+    GROUP_CACHE,
+    GROUP_MAX,
+    GROUP_VALUES,
+    _cache_enabled,
+)
 
 _cache = _cache_enabled()
 inline = njit(inline="always", fastmath=_FASTMATH, nogil=True)
@@ -42,9 +49,14 @@ def row_deviations(xr, m):
 
 
 @serial
-def row_normalize(xr, m, scale, b, yr):
-    for i in range(xr.shape[0]):
-        yr[i] = (xr[i] - m) * scale + b
+def block_normalize(xb, mean, scale, bias, yb):
+    """Rows of a (channels, S) block: yb[j] = (xb[j] - mean[j]) * scale[j] + bias[j]."""
+    for j in range(xb.shape[0]):
+        m = mean[j]
+        sc = scale[j]
+        b = bias[j]
+        for i in range(xb.shape[1]):
+            yb[j, i] = (xb[j, i] - m) * sc + b
 
 
 @serial
@@ -60,9 +72,15 @@ def row_grad_sums(dr, xr, mu):
 
 
 @serial
-def row_dx(dr, xr, mu, k, shift, proj, outr):
-    for i in range(xr.shape[0]):
-        outr[i] = k * (dr[i] - shift - (xr[i] - mu) * proj)
+def block_dx(db, xb, mean, k, shift, proj, outb):
+    """Rows of a (channels, S) block: k*(dy - shift - (x - mean)*proj), per channel j."""
+    for j in range(xb.shape[0]):
+        m = mean[j]
+        kj = k[j]
+        a = shift[j]
+        q = proj[j]
+        for i in range(xb.shape[1]):
+            outb[j, i] = kj * (db[j, i] - a - (xb[j, i] - m) * q)
 
 
 @serial
@@ -125,17 +143,35 @@ def nchw_grid(n_rows, s):
     return rows, (n_rows + rows - 1) // rows, s, 1
 
 
-@inline
-def nchw_fold(x, c, k0, k1, n_rows, s, rows, piece, pieces):
-    """Fold chunks k0..k1 of channel c into one (count, mean, M2) partial, in order.
+@serial
+def nchw_group(n_rows, n_ch, s):
+    """Channels per work unit of the per-channel kernels (1: one channel at a time).
 
-    Chunk k covers rows n0..n1 and columns s0..s1 of the channel; its partial comes
-    from two passes over the (cached) chunk: the mean, then the squared deviations
-    with the ``(sum d)**2 / n`` correction.
+    With short rows (``s = 49``) one channel is ``n_rows`` scattered runs of a few cache
+    lines, which the hardware prefetcher does not follow; ``g`` adjacent channels are
+    ``n_rows`` contiguous runs of ``g * s`` values, walked sample by sample. ``g * s`` aims
+    at ``GROUP_VALUES``, a group holds at most ``GROUP_CACHE`` values of one array (it is
+    read again from cache for the output) and at most ``GROUP_MAX`` channels. Each channel
+    is computed exactly as alone (same rows, same order): grouping never changes a bit.
     """
-    cnt = 0.0
-    m = 0.0
-    m2 = 0.0
+    g = min((GROUP_VALUES + s - 1) // s, GROUP_MAX, GROUP_CACHE // max(1, n_rows * s), n_ch)
+    return max(1, g)
+
+
+@inline
+def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq):
+    """Fold chunks k0..k1 of channels c0..c0+gl into per-channel (count, mean, M2), in order.
+
+    ``cnt``, ``m``, ``m2`` receive the partials; ``t``, ``sd``, ``sq`` are scratch (all of
+    length >= gl). Chunk k covers rows n0..n1 and columns s0..s1 of each channel; its
+    partial comes from two passes over the (cached) chunk: the mean, then the squared
+    deviations with the ``(sum d)**2 / n`` correction. Rows are walked sample by sample,
+    the ``gl`` channels of a sample being adjacent in memory.
+    """
+    for j in range(gl):
+        cnt[j] = 0.0
+        m[j] = 0.0
+        m2[j] = 0.0
     for k in range(k0, k1):
         rb = k // pieces
         n0 = rb * rows
@@ -143,30 +179,38 @@ def nchw_fold(x, c, k0, k1, n_rows, s, rows, piece, pieces):
         s0 = (k - rb * pieces) * piece
         s1 = min(s, s0 + piece)
         nb = float((n1 - n0) * (s1 - s0))
-        total = 0.0
+        for j in range(gl):
+            t[j] = 0.0
+            sd[j] = 0.0
+            sq[j] = 0.0
         for n in range(n0, n1):
-            total += row_sum(x[n, c, s0:s1])
-        mb = total / nb
-        sd = 0.0
-        sq = 0.0
+            for j in range(gl):
+                t[j] += row_sum(x[n, c0 + j, s0:s1])
+        for j in range(gl):
+            t[j] /= nb
         for n in range(n0, n1):
-            d1, d2 = row_deviations(x[n, c, s0:s1], mb)
-            sd += d1
-            sq += d2
-        cnt, m, m2 = merge(cnt, m, m2, nb, mb, sq - sd * sd / nb)
-    return cnt, m, m2
+            for j in range(gl):
+                d1, d2 = row_deviations(x[n, c0 + j, s0:s1], t[j])
+                sd[j] += d1
+                sq[j] += d2
+        for j in range(gl):
+            cnt[j], m[j], m2[j] = merge(
+                cnt[j], m[j], m2[j], nb, t[j], sq[j] - sd[j] * sd[j] / nb
+            )
 
 
 @inline
-def nchw_grad_sums(dy, x, c, mu, n0, n1):
-    """sum(dy) and sum(dy*(x-mu)) over rows n0..n1 of channel c."""
-    sdy = 0.0
-    sdyx = 0.0
+def nchw_grad_sums(dy, x, c0, gl, mean, n0, n1, a, b):
+    """a[j], b[j] = sum(dy) and sum(dy*(x-mean)) over rows n0..n1 of channel c0+j."""
+    for j in range(gl):
+        a[j] = 0.0
+        b[j] = 0.0
     for n in range(n0, n1):
-        a, b = row_grad_sums(dy[n, c], x[n, c], mu)
-        sdy += a
-        sdyx += b
-    return sdy, sdyx
+        for j in range(gl):
+            c = c0 + j
+            da, db = row_grad_sums(dy[n, c], x[n, c], mean[c])
+            a[j] += da
+            b[j] += db
 
 
 # ---------------------------------------------------------------- nchw
@@ -176,10 +220,16 @@ def nchw_grad_sums(dy, x, c, mu, n0, n1):
 def nchw_stats_channels(x, mean, var):
     n_rows, n_ch, s = x.shape
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
-    for c in prange(n_ch):
-        cnt, m, m2 = nchw_fold(x, c, 0, blocks * pieces, n_rows, s, rows, piece, pieces)
-        mean[c] = m
-        var[c] = m2 / cnt
+    g = nchw_group(n_rows, n_ch, s)
+    for u in prange((n_ch + g - 1) // g):
+        c0 = u * g
+        gl = min(n_ch - c0, g)
+        cnt, m, m2, t, sd, sq = np.empty((6, g))
+        nchw_fold(x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces,
+                  cnt, m, m2, t, sd, sq)
+        for j in range(gl):
+            mean[c0 + j] = m[j]
+            var[c0 + j] = m2[j] / cnt[j]
 
 
 @parallel
@@ -193,10 +243,11 @@ def nchw_stats_stripes(x, stripes, part):
         p = u - c * stripes
         k0 = p * nchunks // stripes
         k1 = (p + 1) * nchunks // stripes
-        cnt, m, m2 = nchw_fold(x, c, k0, k1, n_rows, s, rows, piece, pieces)
-        part[c, p, 0] = cnt
-        part[c, p, 1] = m
-        part[c, p, 2] = m2
+        cnt, m, m2, t, sd, sq = np.empty((6, 1))
+        nchw_fold(x, c, 1, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq)
+        part[c, p, 0] = cnt[0]
+        part[c, p, 1] = m[0]
+        part[c, p, 2] = m2[0]
 
 
 @serial
@@ -216,34 +267,50 @@ def merge_parts(part, mean, var):
 def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd):
     n_rows, n_ch, s = x.shape
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
-    for c in prange(n_ch):
-        cnt, m, m2 = nchw_fold(x, c, 0, blocks * pieces, n_rows, s, rows, piece, pieces)
-        v = m2 / cnt
-        inv = 1.0 / math.sqrt(v + eps)
-        mean[c] = m
-        var[c] = v
-        invstd[c] = inv
-        scale = weight[c] * inv
+    g = nchw_group(n_rows, n_ch, s)
+    for u in prange((n_ch + g - 1) // g):
+        c0 = u * g
+        gl = min(n_ch - c0, g)
+        cnt, m, m2, t, sd, sq = np.empty((6, g))
+        nchw_fold(x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces,
+                  cnt, m, m2, t, sd, sq)
+        c1 = c0 + gl
+        for j in range(gl):
+            c = c0 + j
+            v = m2[j] / cnt[j]
+            inv = 1.0 / math.sqrt(v + eps)
+            mean[c] = m[j]
+            var[c] = v
+            invstd[c] = inv
+            t[j] = weight[c] * inv
         for n in range(n_rows):
-            row_normalize(x[n, c], m, scale, bias[c], y[n, c])
+            block_normalize(x[n, c0:c1], m[:gl], t[:gl], bias[c0:c1], y[n, c0:c1])
 
 
 @parallel
 def nchw_normalize(x, mean, scale, bias, y):
-    n_rows, n_ch, _ = x.shape
-    for u in prange(n_rows * n_ch):
-        n = u // n_ch
-        c = u - n * n_ch
-        row_normalize(x[n, c], mean[c], scale[c], bias[c], y[n, c])
+    """y = (x - mean) * scale + bias, one (sample, channel group) block per work unit."""
+    n_rows, n_ch, s = x.shape
+    g = nchw_group(n_rows, n_ch, s)
+    ng = (n_ch + g - 1) // g
+    for u in prange(n_rows * ng):
+        n = u // ng
+        c0 = (u - n * ng) * g
+        c1 = min(n_ch, c0 + g)
+        block_normalize(x[n, c0:c1], mean[c0:c1], scale[c0:c1], bias[c0:c1], y[n, c0:c1])
 
 
 @parallel
 def nchw_backward_reduce_channels(dy, x, mean, sum_dy, sum_dy_xmu):
-    n_rows, n_ch, _ = x.shape
-    for c in prange(n_ch):
-        a, b = nchw_grad_sums(dy, x, c, mean[c], 0, n_rows)
-        sum_dy[c] = a
-        sum_dy_xmu[c] = b
+    n_rows, n_ch, s = x.shape
+    g = nchw_group(n_rows, n_ch, s)
+    for u in prange((n_ch + g - 1) // g):
+        c0 = u * g
+        gl = min(n_ch - c0, g)
+        a, b = np.empty((2, g))
+        nchw_grad_sums(dy, x, c0, gl, mean, 0, n_rows, a, b)
+        sum_dy[c0:c0 + gl] = a[:gl]
+        sum_dy_xmu[c0:c0 + gl] = b[:gl]
 
 
 @parallel
@@ -253,38 +320,50 @@ def nchw_backward_reduce_stripes(dy, x, mean, stripes, part):
     for u in prange(n_ch * stripes):
         c = u // stripes
         p = u - c * stripes
-        a, b = nchw_grad_sums(
-            dy, x, c, mean[c], p * n_rows // stripes, (p + 1) * n_rows // stripes
+        a, b = np.empty((2, 1))
+        nchw_grad_sums(
+            dy, x, c, 1, mean, p * n_rows // stripes, (p + 1) * n_rows // stripes, a, b
         )
-        part[0, p, c] = a
-        part[1, p, c] = b
+        part[0, p, c] = a[0]
+        part[1, p, c] = b[0]
 
 
 @parallel
 def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
     n_rows, n_ch, s = x.shape
     count = float(n_rows * s)
-    for c in prange(n_ch):
-        mu = mean[c]
-        a, b = nchw_grad_sums(dy, x, c, mu, 0, n_rows)
-        sum_dy[c] = a
-        sum_dy_xmu[c] = b
-        inv = invstd[c]
-        k = weight[c] * inv
-        shift = a / count
-        proj = inv * inv * b / count
+    g = nchw_group(n_rows, n_ch, s)
+    for u in prange((n_ch + g - 1) // g):
+        c0 = u * g
+        gl = min(n_ch - c0, g)
+        c1 = c0 + gl
+        a, b, k, shift, proj = np.empty((5, g))
+        nchw_grad_sums(dy, x, c0, gl, mean, 0, n_rows, a, b)
+        for j in range(gl):
+            c = c0 + j
+            inv = invstd[c]
+            sum_dy[c] = a[j]
+            sum_dy_xmu[c] = b[j]
+            k[j] = weight[c] * inv
+            shift[j] = a[j] / count
+            proj[j] = inv * inv * b[j] / count
         for n in range(n_rows):
-            row_dx(dy[n, c], x[n, c], mu, k, shift, proj, dx[n, c])
+            block_dx(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], k[:gl], shift[:gl], proj[:gl],
+                     dx[n, c0:c1])
 
 
 @parallel
 def nchw_dx(dy, x, mean, k, shift, proj, dx):
-    """dx = k*(dy - shift - (x - mean)*proj) per channel."""
-    n_rows, n_ch, _ = x.shape
-    for u in prange(n_rows * n_ch):
-        n = u // n_ch
-        c = u - n * n_ch
-        row_dx(dy[n, c], x[n, c], mean[c], k[c], shift[c], proj[c], dx[n, c])
+    """dx = k*(dy - shift - (x - mean)*proj) per channel, one block per work unit."""
+    n_rows, n_ch, s = x.shape
+    g = nchw_group(n_rows, n_ch, s)
+    ng = (n_ch + g - 1) // g
+    for u in prange(n_rows * ng):
+        n = u // ng
+        c0 = (u - n * ng) * g
+        c1 = min(n_ch, c0 + g)
+        block_dx(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], k[c0:c1], shift[c0:c1],
+                 proj[c0:c1], dx[n, c0:c1])
 
 
 # ---------------------------------------------------------------- nhwc

@@ -9,7 +9,9 @@ Determinism comes from a chunk grid that depends on the shape only:
 - nchw: a channel is cut into chunks of about ``CHUNK`` values: groups of whole rows
   when ``S < CHUNK``, otherwise equal pieces of a row. When ``C >= MIN_CHANNELS_PER_CHANNEL_PATH``
   each channel is reduced by one thread, chunk after chunk, and normalized right away while
-  its slice is still in cache (2 passes over memory instead of 3). With fewer channels the
+  its slice is still in cache (2 passes over memory instead of 3); with short rows a thread
+  takes a group of adjacent channels and walks their rows sample by sample (contiguous
+  runs), each channel still computed exactly as alone. With fewer channels the
   chunks of a channel are split into at most ``MAX_STRIPES`` fixed stripes, reduced in
   parallel and merged in stripe order.
 - nhwc: rows are cut into chunks of about ``CHUNK`` values (whole rows), the chunks into at
@@ -41,6 +43,12 @@ MAX_STRIPES = 16
 SERIAL_BELOW = 1 << 15
 #: NCHW inputs with at least this many channels are processed one channel per thread.
 MIN_CHANNELS_PER_CHANNEL_PATH = 16
+#: Short NCHW rows: the per-channel kernels take groups of adjacent channels whose rows
+#: of one sample make a contiguous run of about GROUP_VALUES values, at most GROUP_MAX
+#: channels and GROUP_CACHE values of one array per group (see ``nchw_group``).
+GROUP_VALUES = 1024
+GROUP_MAX = 64
+GROUP_CACHE = 131072
 
 # Reassociation lets LLVM vectorize the float64 accumulations; it is decided at compile
 # time, so it cannot make results depend on the thread count. No 'nnan'/'ninf': NaN and
