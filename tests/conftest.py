@@ -62,7 +62,8 @@ def dtype(request) -> np.dtype:
 #: Shapes in NCHW terms (N, C, *spatial). The numba kernels cut a channel into chunks of
 #: CHUNK = 4096 values and split the chunks into at most MAX_STRIPES = 16 stripes; NCHW
 #: with C >= 16 (or M <= CHUNK) runs one channel per thread (short rows: a group of
-#: adjacent channels per thread), C < 16 with M > CHUNK runs the stripe path; S >= CHUNK cuts rows into pieces; S == 1 and (N, C) run as (R, C).
+#: adjacent channels per thread), C < 16 with M > CHUNK runs the stripe path; S >= CHUNK
+#: cuts rows into pieces; S == 1 and (N, C) run as (R, C).
 SHAPES = [
     # (N, C)
     (2, 1),  # C=1, M=2: the smallest training input
