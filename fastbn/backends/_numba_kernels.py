@@ -194,9 +194,7 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
                 sd[j] += d1
                 sq[j] += d2
         for j in range(gl):
-            cnt[j], m[j], m2[j] = merge(
-                cnt[j], m[j], m2[j], nb, t[j], sq[j] - sd[j] * sd[j] / nb
-            )
+            cnt[j], m[j], m2[j] = merge(cnt[j], m[j], m2[j], nb, t[j], sq[j] - sd[j] * sd[j] / nb)
 
 
 @inline
@@ -225,8 +223,9 @@ def nchw_stats_channels(x, mean, var):
         c0 = u * g
         gl = min(n_ch - c0, g)
         cnt, m, m2, t, sd, sq = np.empty((6, g))
-        nchw_fold(x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces,
-                  cnt, m, m2, t, sd, sq)
+        nchw_fold(
+            x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq
+        )
         for j in range(gl):
             mean[c0 + j] = m[j]
             var[c0 + j] = m2[j] / cnt[j]
@@ -272,8 +271,9 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd):
         c0 = u * g
         gl = min(n_ch - c0, g)
         cnt, m, m2, t, sd, sq = np.empty((6, g))
-        nchw_fold(x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces,
-                  cnt, m, m2, t, sd, sq)
+        nchw_fold(
+            x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq
+        )
         c1 = c0 + gl
         for j in range(gl):
             c = c0 + j
@@ -309,8 +309,8 @@ def nchw_backward_reduce_channels(dy, x, mean, sum_dy, sum_dy_xmu):
         gl = min(n_ch - c0, g)
         a, b = np.empty((2, g))
         nchw_grad_sums(dy, x, c0, gl, mean, 0, n_rows, a, b)
-        sum_dy[c0:c0 + gl] = a[:gl]
-        sum_dy_xmu[c0:c0 + gl] = b[:gl]
+        sum_dy[c0 : c0 + gl] = a[:gl]
+        sum_dy_xmu[c0 : c0 + gl] = b[:gl]
 
 
 @parallel
@@ -321,9 +321,7 @@ def nchw_backward_reduce_stripes(dy, x, mean, stripes, part):
         c = u // stripes
         p = u - c * stripes
         a, b = np.empty((2, 1))
-        nchw_grad_sums(
-            dy, x, c, 1, mean, p * n_rows // stripes, (p + 1) * n_rows // stripes, a, b
-        )
+        nchw_grad_sums(dy, x, c, 1, mean, p * n_rows // stripes, (p + 1) * n_rows // stripes, a, b)
         part[0, p, c] = a[0]
         part[1, p, c] = b[0]
 
@@ -348,8 +346,9 @@ def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy
             shift[j] = a[j] / count
             proj[j] = inv * inv * b[j] / count
         for n in range(n_rows):
-            block_dx(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], k[:gl], shift[:gl], proj[:gl],
-                     dx[n, c0:c1])
+            block_dx(
+                dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], k[:gl], shift[:gl], proj[:gl], dx[n, c0:c1]
+            )
 
 
 @parallel
@@ -362,8 +361,15 @@ def nchw_dx(dy, x, mean, k, shift, proj, dx):
         n = u // ng
         c0 = (u - n * ng) * g
         c1 = min(n_ch, c0 + g)
-        block_dx(dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], k[c0:c1], shift[c0:c1],
-                 proj[c0:c1], dx[n, c0:c1])
+        block_dx(
+            dy[n, c0:c1],
+            x[n, c0:c1],
+            mean[c0:c1],
+            k[c0:c1],
+            shift[c0:c1],
+            proj[c0:c1],
+            dx[n, c0:c1],
+        )
 
 
 # ---------------------------------------------------------------- nhwc
