@@ -84,37 +84,45 @@ def block_dx(db, xb, mean, k, shift, proj, outb):
 
 
 @serial
-def cols_add(xr, acc):
-    for j in range(xr.shape[0]):
-        acc[j] += xr[j]
+def cols_add(xb, acc):
+    """acc[j] += sum of column j of the (rows, C) block xb, row after row."""
+    for r in range(xb.shape[0]):
+        for j in range(xb.shape[1]):
+            acc[j] += xb[r, j]
 
 
 @serial
-def cols_deviations(xr, m, sd, sq):
-    for j in range(xr.shape[0]):
-        dev = xr[j] - m[j]
-        sd[j] += dev
-        sq[j] += dev * dev
+def cols_deviations(xb, m, sd, sq):
+    """sd[j] += sum(xb[:, j] - m[j]) and sq[j] += sum((xb[:, j] - m[j])**2), row by row."""
+    for r in range(xb.shape[0]):
+        for j in range(xb.shape[1]):
+            dev = xb[r, j] - m[j]
+            sd[j] += dev
+            sq[j] += dev * dev
 
 
 @serial
-def cols_normalize(xr, mean, scale, bias, yr):
-    for j in range(xr.shape[0]):
-        yr[j] = (xr[j] - mean[j]) * scale[j] + bias[j]
+def cols_normalize(xb, mean, scale, bias, yb):
+    for r in range(xb.shape[0]):
+        for j in range(xb.shape[1]):
+            yb[r, j] = (xb[r, j] - mean[j]) * scale[j] + bias[j]
 
 
 @serial
-def cols_grad_sums(dr, xr, mean, a, b):
-    for j in range(xr.shape[0]):
-        g = dr[j] * 1.0
-        a[j] += g
-        b[j] += g * (xr[j] - mean[j])
+def cols_grad_sums(db, xb, mean, a, b):
+    """a[j] += sum(dy[:, j]) and b[j] += sum(dy[:, j] * (x[:, j] - mean[j])), row by row."""
+    for r in range(xb.shape[0]):
+        for j in range(xb.shape[1]):
+            g = db[r, j] * 1.0
+            a[j] += g
+            b[j] += g * (xb[r, j] - mean[j])
 
 
 @serial
-def cols_dx(dr, xr, mean, k, shift, proj, outr):
-    for j in range(xr.shape[0]):
-        outr[j] = k[j] * (dr[j] - shift[j] - (xr[j] - mean[j]) * proj[j])
+def cols_dx(db, xb, mean, k, shift, proj, outb):
+    for r in range(xb.shape[0]):
+        for j in range(xb.shape[1]):
+            outb[r, j] = k[j] * (db[r, j] - shift[j] - (xb[r, j] - mean[j]) * proj[j])
 
 
 # ------------------------------------------------------------ grid and merging
@@ -163,10 +171,12 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
     """Fold chunks k0..k1 of channels c0..c0+gl into per-channel (count, mean, M2), in order.
 
     ``cnt``, ``m``, ``m2`` receive the partials; ``t``, ``sd``, ``sq`` are scratch (all of
-    length >= gl). Chunk k covers rows n0..n1 and columns s0..s1 of each channel; its
-    partial comes from two passes over the (cached) chunk: the mean, then the squared
-    deviations with the ``(sum d)**2 / n`` correction. Rows are walked sample by sample,
-    the ``gl`` channels of a sample being adjacent in memory.
+    length >= gl). Chunk k covers rows n0..n1 and columns s0..s1 of each channel. Its
+    deviations are taken from ``K``: the chunk's own mean for chunk k0 (one extra pass over
+    the cached chunk), then the running mean of the chunks before it; ``sd = sum(x - K)``
+    and ``sq = sum((x - K)**2)`` give the partial ``(nb, K + sd/nb, sq - sd**2/nb)``, merged
+    with Chan's formula. Rows are walked sample by sample, the ``gl`` channels of a sample
+    being adjacent in memory.
     """
     for j in range(gl):
         cnt[j] = 0.0
@@ -180,21 +190,24 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
         s1 = min(s, s0 + piece)
         nb = float((n1 - n0) * (s1 - s0))
         for j in range(gl):
-            t[j] = 0.0
+            t[j] = m[j]
             sd[j] = 0.0
             sq[j] = 0.0
-        for n in range(n0, n1):
+        if k == k0:
+            for n in range(n0, n1):
+                for j in range(gl):
+                    t[j] += row_sum(x[n, c0 + j, s0:s1])
             for j in range(gl):
-                t[j] += row_sum(x[n, c0 + j, s0:s1])
-        for j in range(gl):
-            t[j] /= nb
+                t[j] /= nb
         for n in range(n0, n1):
             for j in range(gl):
                 d1, d2 = row_deviations(x[n, c0 + j, s0:s1], t[j])
                 sd[j] += d1
                 sq[j] += d2
         for j in range(gl):
-            cnt[j], m[j], m2[j] = merge(cnt[j], m[j], m2[j], nb, t[j], sq[j] - sd[j] * sd[j] / nb)
+            cnt[j], m[j], m2[j] = merge(
+                cnt[j], m[j], m2[j], nb, t[j] + sd[j] / nb, sq[j] - sd[j] * sd[j] / nb
+            )
 
 
 @inline
@@ -377,7 +390,12 @@ def nchw_dx(dy, x, mean, k, shift, proj, dx):
 
 @parallel
 def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
-    """Stripe p folds its row chunks into counts[p], means[p, :], m2s[p, :]."""
+    """Stripe p folds its row chunks into counts[p], means[p, :], m2s[p, :].
+
+    A chunk's deviations are taken from ``K``: the chunk's own mean for the first chunk of
+    the stripe (one extra pass), then the stripe's running mean (one pass: ``sd = sum(x -
+    K)`` and ``sq = sum((x - K)**2)`` give the partial ``(nb, K + sd/nb, sq - sd**2/nb)``).
+    """
     n_rows, n_ch = x.shape
     nchunks = (n_rows + rows - 1) // rows
     for p in prange(stripes):
@@ -385,7 +403,7 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
         pm2 = m2s[p]
         pm[:] = 0.0
         pm2[:] = 0.0
-        mb = np.empty(n_ch)
+        kc = np.zeros(n_ch)
         sd = np.empty(n_ch)
         sq = np.empty(n_ch)
         cnt = 0.0
@@ -393,19 +411,19 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
             r0 = k * rows
             r1 = min(n_rows, r0 + rows)
             nb = float(r1 - r0)
-            mb[:] = 0.0
-            for r in range(r0, r1):
-                cols_add(x[r], mb)
-            mb /= nb
+            if cnt == 0.0:
+                cols_add(x[r0:r1], kc)
+                kc /= nb
+            else:
+                kc[:] = pm
             sd[:] = 0.0
             sq[:] = 0.0
-            for r in range(r0, r1):
-                cols_deviations(x[r], mb, sd, sq)
+            cols_deviations(x[r0:r1], kc, sd, sq)
             n = cnt + nb
             f = nb / n
             g = cnt * f
             for j in range(n_ch):
-                delta = mb[j] - pm[j]
+                delta = kc[j] + sd[j] / nb - pm[j]
                 pm[j] += delta * f
                 pm2[j] += sq[j] - sd[j] * sd[j] / nb + delta * delta * g
             cnt = n
@@ -432,8 +450,12 @@ def nhwc_merge(counts, means, m2s, mean, var):
 
 @parallel
 def nhwc_normalize(x, mean, scale, bias, y):
-    for r in prange(x.shape[0]):
-        cols_normalize(x[r], mean, scale, bias, y[r])
+    n_rows, n_ch = x.shape
+    rows = max(1, CHUNK // n_ch)
+    for k in prange((n_rows + rows - 1) // rows):
+        r0 = k * rows
+        r1 = min(n_rows, r0 + rows)
+        cols_normalize(x[r0:r1], mean, scale, bias, y[r0:r1])
 
 
 @parallel
@@ -444,8 +466,9 @@ def nhwc_backward_reduce_stripes(dy, x, mean, stripes, sums_dy, sums_dy_xmu):
         b = sums_dy_xmu[p]
         a[:] = 0.0
         b[:] = 0.0
-        for r in range(p * n_rows // stripes, (p + 1) * n_rows // stripes):
-            cols_grad_sums(dy[r], x[r], mean, a, b)
+        r0 = p * n_rows // stripes
+        r1 = (p + 1) * n_rows // stripes
+        cols_grad_sums(dy[r0:r1], x[r0:r1], mean, a, b)
 
 
 @serial
@@ -459,5 +482,9 @@ def add_rows(parts, out):
 
 @parallel
 def nhwc_dx(dy, x, mean, k, shift, proj, dx):
-    for r in prange(x.shape[0]):
-        cols_dx(dy[r], x[r], mean, k, shift, proj, dx[r])
+    n_rows, n_ch = x.shape
+    rows = max(1, CHUNK // n_ch)
+    for u in prange((n_rows + rows - 1) // rows):
+        r0 = u * rows
+        r1 = min(n_rows, r0 + rows)
+        cols_dx(dy[r0:r1], x[r0:r1], mean, k, shift, proj, dx[r0:r1])
