@@ -61,6 +61,12 @@ from _openmp_helpers cimport (
     fastbn_dx_nt_f32,
     fastbn_dx_nt_f64,
     fastbn_sfence,
+    fastbn_acc_sum_f32,
+    fastbn_acc_sum_f64,
+    fastbn_acc_dev_sq_f32,
+    fastbn_acc_dev_sq_f64,
+    fastbn_acc_sum_dot_f32,
+    fastbn_acc_sum_dot_f64,
 )
 
 ctypedef Py_ssize_t idx_t
@@ -298,10 +304,10 @@ def grid(layout, shape):
 
 
 # ---------------------------------------------------------------------------------------
-# Contiguous-run primitives. Each is ONE reduction into 16 independent float64 lanes, so
-# gcc vectorizes it without reassociating anything (-O3, no -ffast-math): the order of the
-# additions is fixed by the code, whatever the instruction set. (gcc 12 does not vectorize
-# two reductions in one loop, hence one loop per sum over the cached data.)
+# Contiguous-run primitives. The reductions sum into 16 independent float64 lanes (value
+# i to lane i % 16), so the order of the additions is fixed by the code whatever the
+# instruction set; they are the C loops of _lanes.h, which keep the lanes in SIMD registers
+# and take two sums over the same data in one sweep.
 # ---------------------------------------------------------------------------------------
 cdef enum:
     _LANES = 16
@@ -321,50 +327,28 @@ cdef inline void _zero(double* a) noexcept nogil:
 
 cdef inline void _acc_sum(const floating* p, idx_t n, double* a) noexcept nogil:
     """Lanes ``a`` += ``p`` (value ``i`` goes to lane ``i % 16``)."""
-    cdef idx_t i, n16 = n - n % 16
-    cdef int l
-    for i in range(0, n16, 16):
-        for l in range(16):
-            a[l] += p[i + l]
-    for i in range(n16, n):
-        a[i - n16] += p[i]
+    if floating is float:
+        fastbn_acc_sum_f32(p, n, a)
+    else:
+        fastbn_acc_sum_f64(p, n, a)
 
 
-cdef inline void _acc_dev(const floating* p, idx_t n, double m, double* a) noexcept nogil:
-    """Lanes ``a`` += ``p - m``."""
-    cdef idx_t i, n16 = n - n % 16
-    cdef int l
-    for i in range(0, n16, 16):
-        for l in range(16):
-            a[l] += p[i + l] - m
-    for i in range(n16, n):
-        a[i - n16] += p[i] - m
+cdef inline void _acc_dev_sq(const floating* p, idx_t n, double m, double* a,
+                             double* b) noexcept nogil:
+    """Lanes ``a`` += ``p - m`` and lanes ``b`` += ``(p - m)**2``, in one sweep."""
+    if floating is float:
+        fastbn_acc_dev_sq_f32(p, n, m, a, b)
+    else:
+        fastbn_acc_dev_sq_f64(p, n, m, a, b)
 
 
-cdef inline void _acc_sq(const floating* p, idx_t n, double m, double* a) noexcept nogil:
-    """Lanes ``a`` += ``(p - m)**2``."""
-    cdef idx_t i, n16 = n - n % 16
-    cdef int l
-    cdef double t
-    for i in range(0, n16, 16):
-        for l in range(16):
-            t = p[i + l] - m
-            a[l] += t * t
-    for i in range(n16, n):
-        t = p[i] - m
-        a[i - n16] += t * t
-
-
-cdef inline void _acc_dot(const floating* g, const floating* p, idx_t n, double m,
-                          double* a) noexcept nogil:
-    """Lanes ``a`` += ``g * (p - m)``."""
-    cdef idx_t i, n16 = n - n % 16
-    cdef int l
-    for i in range(0, n16, 16):
-        for l in range(16):
-            a[l] += g[i + l] * (p[i + l] - m)
-    for i in range(n16, n):
-        a[i - n16] += g[i] * (p[i] - m)
+cdef inline void _acc_sum_dot(const floating* g, const floating* p, idx_t n, double m,
+                              double* a, double* b) noexcept nogil:
+    """Lanes ``a`` += ``g`` and lanes ``b`` += ``g * (p - m)``, in one sweep."""
+    if floating is float:
+        fastbn_acc_sum_dot_f32(g, p, n, m, a, b)
+    else:
+        fastbn_acc_sum_dot_f64(g, p, n, m, a, b)
 
 
 cdef inline void _apply(const floating* x, floating* y, idx_t n,
@@ -458,6 +442,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
     cdef idx_t ca, cb, i, n, s, L
     cdef double k, kc, sd, sdd, cm2
     cdef double lanes[16]
+    cdef double lanes2[16]
     cnt[0] = 0.0
     mean[0] = 0.0
     m2[0] = 0.0
@@ -486,6 +471,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
         # The next chunk streams in from memory while this one is worked on in cache.
         _nchw_prefetch(x, S, CS, cb, cb + _NCHW_CHUNK if cb + _NCHW_CHUNK < b else b)
         _zero(lanes)
+        _zero(lanes2)
         i = ca
         n = i // S
         s = i - n * S
@@ -493,24 +479,12 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
             L = S - s
             if L > cb - i:
                 L = cb - i
-            _acc_dev(x + n * CS + s, L, kc, lanes)
+            _acc_dev_sq(x + n * CS + s, L, kc, lanes, lanes2)
             i += L
             n += 1
             s = 0
         sd = _fold(lanes)
-        _zero(lanes)
-        i = ca
-        n = i // S
-        s = i - n * S
-        while i < cb:
-            L = S - s
-            if L > cb - i:
-                L = cb - i
-            _acc_sq(x + n * CS + s, L, kc, lanes)
-            i += L
-            n += 1
-            s = 0
-        sdd = _fold(lanes)
+        sdd = _fold(lanes2)
         cm2 = sdd - sd * sd / k
         if cm2 < 0.0:
             cm2 = 0.0
@@ -565,8 +539,7 @@ cdef void _nchw_bsums(const floating* dy, const floating* x, idx_t S, idx_t CS,
         L = S - s
         if L > b - i:
             L = b - i
-        _acc_sum(dy + n * CS + s, L, la)
-        _acc_dot(dy + n * CS + s, x + n * CS + s, L, m, lb)
+        _acc_sum_dot(dy + n * CS + s, x + n * CS + s, L, m, la, lb)
         i += L
         n += 1
         s = 0
@@ -681,8 +654,7 @@ cdef void _nchw_backward_group(const floating* dy, const floating* x, floating* 
         for c in range(c0, c1):
             o = n * CS + c * S
             la = lanes + 2 * _LANES * (c - c0)
-            _acc_sum(dy + o, S, la)
-            _acc_dot(dy + o, x + o, S, mean[c], la + _LANES)
+            _acc_sum_dot(dy + o, x + o, S, mean[c], la, la + _LANES)
     for c in range(c0, c1):
         la = lanes + 2 * _LANES * (c - c0)
         sum_dy[c] = _fold(la)

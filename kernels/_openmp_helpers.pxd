@@ -83,3 +83,18 @@ cdef extern from "_stream_stores.h":
                           double k, double a, double q) noexcept nogil
     void fastbn_dx_nt_f64(const double* g, const double* x, double* d, Py_ssize_t n,
                           double m, double k, double a, double q) noexcept nogil
+
+
+# Sums over a contiguous run into 16 float64 lanes, SIMD registers for the lanes (see
+# _lanes.h; same bits as the plain loops in every build).
+cdef extern from "_lanes.h":
+    void fastbn_acc_sum_f32(const float* p, Py_ssize_t n, double* a) noexcept nogil
+    void fastbn_acc_sum_f64(const double* p, Py_ssize_t n, double* a) noexcept nogil
+    void fastbn_acc_dev_sq_f32(const float* p, Py_ssize_t n, double m, double* a,
+                               double* b) noexcept nogil
+    void fastbn_acc_dev_sq_f64(const double* p, Py_ssize_t n, double m, double* a,
+                               double* b) noexcept nogil
+    void fastbn_acc_sum_dot_f32(const float* g, const float* p, Py_ssize_t n, double m,
+                                double* a, double* b) noexcept nogil
+    void fastbn_acc_sum_dot_f64(const double* g, const double* p, Py_ssize_t n, double m,
+                                double* a, double* b) noexcept nogil

@@ -35,6 +35,7 @@
     #define fbn_sub(a, b) _mm256_sub_pd(a, b)
     #define fbn_mul(a, b) _mm256_mul_pd(a, b)
     #define fbn_loadd(p) _mm256_loadu_pd(p)
+    #define fbn_storeu(p, a) _mm256_storeu_pd((p), (a))
     #define fbn_loadf(p) _mm256_cvtps_pd(_mm_loadu_ps(p))      /* FBN_W floats, widened */
     /* Round 2*FBN_W doubles to float and stream them. */
     #define fbn_streamf(p, a, b) \
@@ -52,6 +53,7 @@
     #define fbn_sub(a, b) _mm_sub_pd(a, b)
     #define fbn_mul(a, b) _mm_mul_pd(a, b)
     #define fbn_loadd(p) _mm_loadu_pd(p)
+    #define fbn_storeu(p, a) _mm_storeu_pd((p), (a))
     #define fbn_loadf(p) _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(p))))
     #define fbn_streamf(p, a, b) \
         _mm_stream_ps((p), _mm_movelh_ps(_mm_cvtpd_ps(a), _mm_cvtpd_ps(b)))

@@ -1,0 +1,118 @@
+/* Sums over one contiguous run into 16 independent float64 lanes.
+ *
+ * The reductions of the NCHW kernels of _cython_kernels.pyx: value i of the run goes to
+ * lane i % 16, in run order, so the order of the additions is fixed by the code whatever
+ * the instruction set (and whatever the thread count). With SIMD (the macros of
+ * _stream_stores.h: 256-bit vectors in the x86-64-v3 build, 128-bit in the SSE2 one) the
+ * 16 lanes live in 16 / FBN_W registers for the whole run; gcc's own vectorization of the
+ * plain loops kept them in memory, a store-to-load chain per step, several times slower.
+ * Every lane receives the same IEEE operations as in the plain loops below (float32 widened
+ * exactly, no FMA: the build uses -ffp-contract=off), so both builds give the same bits.
+ *
+ * fastbn_acc_sum:     a[l] += p
+ * fastbn_acc_dev_sq:  a[l] += p - m;  b[l] += (p - m)**2       (one sweep, two sums)
+ * fastbn_acc_sum_dot: a[l] += g;      b[l] += g * (p - m)
+ */
+#ifndef FASTBN_LANES_H
+#define FASTBN_LANES_H
+
+#include <stddef.h>
+
+#include "_stream_stores.h"
+
+#if FASTBN_STREAM_STORES
+    #define FBN_NV (16 / FBN_W)
+    #define FBN_LOAD_LANES(V, p) \
+        for (int v_ = 0; v_ < FBN_NV; v_++) V[v_] = fbn_loadd((p) + v_ * FBN_W)
+    #define FBN_STORE_LANES(p, V) \
+        for (int v_ = 0; v_ < FBN_NV; v_++) fbn_storeu((p) + v_ * FBN_W, V[v_])
+#endif
+
+#define FBN_DEFINE_LANES(SUFFIX, T, LOADV)                                                   \
+    static inline void fastbn_acc_sum_##SUFFIX(const T* p, ptrdiff_t n, double* a) {         \
+        ptrdiff_t i = 0, n16 = n - n % 16;                                                   \
+        FBN_SIMD_SUM(LOADV)                                                                  \
+        for (; i < n16; i += 16)                                                             \
+            for (int l = 0; l < 16; l++) a[l] += (double)p[i + l];                           \
+        for (; i < n; i++) a[i - n16] += (double)p[i];                                       \
+    }                                                                                        \
+    static inline void fastbn_acc_dev_sq_##SUFFIX(const T* p, ptrdiff_t n, double m,         \
+                                                  double* a, double* b) {                    \
+        ptrdiff_t i = 0, n16 = n - n % 16;                                                   \
+        double t;                                                                            \
+        FBN_SIMD_DEV_SQ(LOADV)                                                               \
+        for (; i < n16; i += 16)                                                             \
+            for (int l = 0; l < 16; l++) {                                                   \
+                t = (double)p[i + l] - m;                                                    \
+                a[l] += t;                                                                   \
+                b[l] += t * t;                                                               \
+            }                                                                                \
+        for (; i < n; i++) {                                                                 \
+            t = (double)p[i] - m;                                                            \
+            a[i - n16] += t;                                                                 \
+            b[i - n16] += t * t;                                                             \
+        }                                                                                    \
+    }                                                                                        \
+    static inline void fastbn_acc_sum_dot_##SUFFIX(const T* g, const T* p, ptrdiff_t n,      \
+                                                   double m, double* a, double* b) {         \
+        ptrdiff_t i = 0, n16 = n - n % 16;                                                   \
+        FBN_SIMD_SUM_DOT(LOADV)                                                              \
+        for (; i < n16; i += 16)                                                             \
+            for (int l = 0; l < 16; l++) {                                                   \
+                a[l] += (double)g[i + l];                                                    \
+                b[l] += (double)g[i + l] * ((double)p[i + l] - m);                           \
+            }                                                                                \
+        for (; i < n; i++) {                                                                 \
+            a[i - n16] += (double)g[i];                                                      \
+            b[i - n16] += (double)g[i] * ((double)p[i] - m);                                 \
+        }                                                                                    \
+    }
+
+#if FASTBN_STREAM_STORES
+    #define FBN_SIMD_SUM(LOADV)                                                              \
+        {                                                                                    \
+            fbn_vd va[FBN_NV];                                                               \
+            FBN_LOAD_LANES(va, a);                                                           \
+            for (; i < n16; i += 16)                                                         \
+                for (int v = 0; v < FBN_NV; v++)                                             \
+                    va[v] = fbn_add(va[v], LOADV(p + i + v * FBN_W));                        \
+            FBN_STORE_LANES(a, va);                                                          \
+        }
+    #define FBN_SIMD_DEV_SQ(LOADV)                                                           \
+        {                                                                                    \
+            fbn_vd va[FBN_NV], vb[FBN_NV], vm = fbn_set1(m), d;                              \
+            FBN_LOAD_LANES(va, a);                                                           \
+            FBN_LOAD_LANES(vb, b);                                                           \
+            for (; i < n16; i += 16)                                                         \
+                for (int v = 0; v < FBN_NV; v++) {                                           \
+                    d = fbn_sub(LOADV(p + i + v * FBN_W), vm);                               \
+                    va[v] = fbn_add(va[v], d);                                               \
+                    vb[v] = fbn_add(vb[v], fbn_mul(d, d));                                   \
+                }                                                                            \
+            FBN_STORE_LANES(a, va);                                                          \
+            FBN_STORE_LANES(b, vb);                                                          \
+        }
+    #define FBN_SIMD_SUM_DOT(LOADV)                                                          \
+        {                                                                                    \
+            fbn_vd va[FBN_NV], vb[FBN_NV], vm = fbn_set1(m), gv;                             \
+            FBN_LOAD_LANES(va, a);                                                           \
+            FBN_LOAD_LANES(vb, b);                                                           \
+            for (; i < n16; i += 16)                                                         \
+                for (int v = 0; v < FBN_NV; v++) {                                           \
+                    gv = LOADV(g + i + v * FBN_W);                                           \
+                    va[v] = fbn_add(va[v], gv);                                              \
+                    vb[v] = fbn_add(vb[v], fbn_mul(gv, fbn_sub(LOADV(p + i + v * FBN_W), vm))); \
+                }                                                                            \
+            FBN_STORE_LANES(a, va);                                                          \
+            FBN_STORE_LANES(b, vb);                                                          \
+        }
+#else
+    #define FBN_SIMD_SUM(LOADV)
+    #define FBN_SIMD_DEV_SQ(LOADV)
+    #define FBN_SIMD_SUM_DOT(LOADV)
+#endif
+
+FBN_DEFINE_LANES(f32, float, fbn_loadf)
+FBN_DEFINE_LANES(f64, double, fbn_loadd)
+
+#endif
