@@ -256,7 +256,7 @@ def test_ratios_and_thread_scaling() -> None:
         row("onnxruntime", 2, "fresh", 6.0),
         row("torch", 2, "fresh", 9.0),
     ]
-    bench._add_ratios(rows)
+    bench.timing._add_ratios(rows)
     out2 = rows[1]
     assert out2["vs"] == {"onnxruntime": 1.5, "torch": 4.5}  # same mode when the peer has it
     assert rows[2]["vs"]["onnxruntime"] == 2.0
