@@ -7,6 +7,11 @@ and (4096, 1024) (an ``(N, C)`` input, listed as NHWC), float32, the operations 
 ``fwdbwd`` (training forward followed by backward), on every available fastbn CPU backend,
 plain NumPy and the installed peers, with as many threads as this process may use.
 
+The results are printed as tables; ``--json``, ``--plot`` and ``--markdown`` also write
+them as a JSON report (schema below), a bar chart and Markdown tables in the format of the
+README's "Measured results". ``--from-json FILE`` prints and writes (``--markdown``,
+``--plot``) a stored report again without measuring anything.
+
 Measurement
 -----------
 * Shapes are always given channels-first, as PyTorch writes them: ``N,C[,spatial...]``.
@@ -86,7 +91,7 @@ Modules
 -------
 ``cli`` (arguments and :class:`Config`), ``cases`` (cases, constants, data), ``impls`` (the
 timed callables), ``machine`` (CPUs, versions, copy bandwidth), ``timing`` (interleaved
-timing and :func:`run`), ``cold`` (cold start), ``report`` (console tables, JSON, plot).
+timing and :func:`run`), ``cold`` (cold start), ``report`` (console tables, JSON, plot, Markdown).
 Their public names are re-exported here.
 """
 
@@ -128,7 +133,15 @@ from .machine import (
     measure_copy_bandwidth,
     peer_version,
 )
-from .report import render, write_json, write_plot
+from .report import (
+    command_line,
+    markdown,
+    read_json,
+    render,
+    write_json,
+    write_markdown,
+    write_plot,
+)
 from .timing import COPY, SCHEMA_VERSION, Entry, peak_extra_bytes, run, time_entries
 
 __all__ = [
@@ -152,6 +165,7 @@ __all__ = [
     "build_parser",
     "channel_axis",
     "cold_start",
+    "command_line",
     "default_cases",
     "fastbn_backends",
     "impl_kind",
@@ -161,11 +175,13 @@ __all__ = [
     "main",
     "make_callable",
     "make_data",
+    "markdown",
     "measure_copy_bandwidth",
     "parse_args",
     "parse_shape",
     "peak_extra_bytes",
     "peer_version",
+    "read_json",
     "render",
     "resolve_impls",
     "run",
@@ -173,6 +189,7 @@ __all__ = [
     "thread_scope",
     "time_entries",
     "write_json",
+    "write_markdown",
     "write_plot",
 ]
 
@@ -189,11 +206,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     -------
     int
         Exit status (0).
+
+    Raises
+    ------
+    SystemExit
+        When the file of ``--from-json`` cannot be read as a report.
     """
     from rich.console import Console
 
     config = parse_args(argv)
-    report = run(config, Console(stderr=True))
+    if config.from_json:
+        try:
+            report = read_json(config.from_json)
+        except (OSError, ValueError) as exc:  # ValueError includes JSONDecodeError
+            raise SystemExit(f"fastbn-bench: error: {exc}") from None
+    else:
+        report = run(config, Console(stderr=True))
     out = Console()
     if not out.is_terminal:
         out = Console(width=200)  # files and pipes: do not wrap the tables at 80 columns
@@ -202,4 +230,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         write_json(report, config.json_path)
     if config.plot_path:
         write_plot(report, config.plot_path)
+    if config.markdown_path:
+        write_markdown(report, config.markdown_path)
     return 0

@@ -123,8 +123,10 @@ class Config:
         Timed rounds and untimed calls before them.
     pause : float
         Seconds slept before every timed call.
-    json_path, plot_path : str or None
+    json_path, plot_path, markdown_path : str or None
         Output files.
+    from_json : str or None
+        A report written by ``--json`` to output again instead of measuring.
     memory, cold_start, progress : bool
         Extra measurements and the progress bar.
     copy_mib : int
@@ -147,6 +149,8 @@ class Config:
     pause: float = 0.005
     json_path: str | None = None
     plot_path: str | None = None
+    markdown_path: str | None = None
+    from_json: str | None = None
     memory: bool = False
     cold_start: bool = False
     progress: bool = True
@@ -247,6 +251,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     parser.add_argument(
         "--plot", dest="plot_path", metavar="FILE.png", help="write a bar chart (matplotlib)"
+    )
+    parser.add_argument(
+        "--markdown",
+        dest="markdown_path",
+        metavar="FILE.md",
+        help="write the results as Markdown tables (the README's format)",
+    )
+    parser.add_argument(
+        "--from-json",
+        metavar="FILE",
+        help="measure nothing: read a report written by --json and print it (and write "
+        "--markdown, --plot, --json from it); the options of the measurement are ignored",
     )
     parser.add_argument(
         "--memory",
@@ -351,10 +367,12 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
     parser = build_parser()
     ns = parser.parse_args(argv)
     notes: list[str] = []
-    try:
-        impls = resolve_impls(ns.backend, notes)
-    except ValueError as exc:
-        parser.error(str(exc))
+    impls: list[str] = []
+    if ns.from_json is None:  # a stored report measures nothing: no implementation to find
+        try:
+            impls = resolve_impls(ns.backend, notes)
+        except ValueError as exc:
+            parser.error(str(exc))
     repeat = ns.repeat if ns.repeat is not None else (3 if ns.quick else 7)
     warmup = ns.warmup if ns.warmup is not None else 1
     if ns.pause < 0:
@@ -374,6 +392,8 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         pause=ns.pause,
         json_path=ns.json_path,
         plot_path=ns.plot_path,
+        markdown_path=ns.markdown_path,
+        from_json=ns.from_json,
         memory=ns.memory,
         cold_start=ns.cold_start,
         progress=ns.progress,

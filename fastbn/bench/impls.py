@@ -233,9 +233,14 @@ def impl_kind(impl: str) -> str:
     return "peer" if impl in PEERS else "fastbn"
 
 
+def has_out_mode(impl: str) -> bool:
+    """Whether `impl` can write into a preallocated output (fastbn's ``out=``, ORT's binding)."""
+    return impl_kind(impl) == "fastbn" or impl == "onnxruntime"
+
+
 def impl_modes(impl: str, case: Case, modes: Sequence[str]) -> list[str]:
     """Modes measured for `impl` on `case` (NumPy and PyTorch allocate: fresh only)."""
-    if impl_kind(impl) == "fastbn" or impl == "onnxruntime":
+    if has_out_mode(impl):
         return list(modes)
     return ["fresh"]
 
