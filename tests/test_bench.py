@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -256,7 +258,7 @@ def test_ratios_and_thread_scaling() -> None:
         row("onnxruntime", 2, "fresh", 6.0),
         row("torch", 2, "fresh", 9.0),
     ]
-    bench._add_ratios(rows)
+    bench.timing._add_ratios(rows)
     out2 = rows[1]
     assert out2["vs"] == {"onnxruntime": 1.5, "torch": 4.5}  # same mode when the peer has it
     assert rows[2]["vs"]["onnxruntime"] == 2.0
@@ -321,13 +323,30 @@ def _check_schema(doc: dict[str, Any], n_results: int) -> None:
     assert isinstance(doc["cold_start"], list)
 
 
-def test_tiny_run_writes_json_plot_and_table(tmp_path: Path, capsys: Any) -> None:
+def test_tiny_run_writes_json_plot_markdown_and_table(tmp_path: Path, capsys: Any) -> None:
     out_json = tmp_path / "out.json"
     out_png = tmp_path / "out.png"
+    out_md = tmp_path / "out.md"
     argv = [*TINY, "--threads", "1,2", "--backend", fast_impls(), "--no-progress"]
     argv += ["--json", str(out_json), "--plot", str(out_png), "--memory"]
+    argv += ["--markdown", str(out_md)]
     assert bench.main(argv) == 0
     doc = json.loads(out_json.read_text())
+    assert out_md.read_text() == bench.markdown(doc)  # derived from the report alone
+    lines = out_md.read_text().splitlines()
+    assert (
+        "**Thread scaling** (ms, median; speed-up = time with 1 thread / time with 2 threads)"
+        in lines
+    )
+    fastbn_columns = [
+        f"{b} {m} {n} thr" for b in CPU_BACKENDS for m in bench.MODES for n in (1, 2)
+    ]
+    thread_header = next(line for line in lines if line.startswith("| shape | layout | op |"))
+    assert [c for c in _cells(thread_header) if c.endswith(" thr")] == fastbn_columns
+    assert "NumPy" not in thread_header  # single-threaded at every count
+    for op in bench.OPS:
+        assert f"**{op}**, 1 thread (ms, median)" in lines
+        assert f"**{op}**, 2 threads (ms, median)" in lines
     # per layout, op and thread count: every fastbn backend in 2 modes, numpy once
     per_group = 2 * len(CPU_BACKENDS) + 1
     _check_schema(doc, n_results=2 * len(bench.OPS) * 2 * per_group)
@@ -339,6 +358,226 @@ def test_tiny_run_writes_json_plot_and_table(tmp_path: Path, capsys: Any) -> Non
     assert "copy bandwidth" in text
     for op in bench.OPS:
         assert f"{op} (" in text
+
+
+def _cells(line: str) -> list[str]:
+    """The cells of one Markdown table line."""
+    return [c.strip() for c in line.strip().strip("|").split("|")]
+
+
+def _tables(text: str) -> list[list[list[str]]]:
+    """Every Markdown table of `text` as rows of cells (header and rule included)."""
+    tables: list[list[list[str]]] = []
+    previous = ""
+    for line in text.splitlines():
+        if line.startswith("|"):
+            if not previous.startswith("|"):
+                tables.append([])
+            tables[-1].append(_cells(line))
+        previous = line
+    return tables
+
+
+def test_tiny_run_writes_markdown(tmp_path: Path) -> None:
+    out_md = tmp_path / "out.md"
+    argv = [*TINY, "--layout", "NCHW,NHWC", "--op", "train,infer", "--threads", "1"]
+    argv += ["--backend", fast_impls(), "--no-progress", "--markdown", str(out_md)]
+    assert bench.main(argv) == 0
+    text = out_md.read_text()
+    first = text.splitlines()[0]
+    assert first.startswith("Measured by `fastbn-bench --shape 4,3,5,5 --op train,infer ")
+    assert "--threads 1 --backend " + fast_impls() in first
+    assert "copy bandwidth" in first and "GB/s with 1 thread" in first
+    if hasattr(os, "getloadavg"):
+        assert "load average" in first
+    assert "**train** (ms, median)" in text and "**infer** (ms, median)" in text
+    assert "Thread scaling" not in text  # one thread count
+    columns = [f"{b} {m}" for b in CPU_BACKENDS for m in bench.MODES]
+    header = ["shape", "layout", *columns, "NumPy", f"{CPU_BACKENDS[0]} out, % of copy roofline"]
+    tables = _tables(text)
+    assert len(tables) == 2
+    for table in tables:
+        assert table[0] == header
+        assert set(table[1]) == {"---"}
+        assert [row[:2] for row in table[2:]] == [["4x3x5x5", "NCHW"], ["4x3x5x5", "NHWC"]]
+        for row in table[2:]:
+            assert all(re.fullmatch(r"\d+\.\d\d", cell) for cell in row[2:-1])
+            assert re.fullmatch(r"\d+%", row[-1])
+
+
+def test_command_line_reproduces_the_configuration(tmp_path: Path) -> None:
+    config = bench.parse_args([*TINY, "--op", "infer", "--backend", "numpy", "--no-progress"])
+    report = bench.run(config)
+    command = bench.command_line(report).split()
+    assert command[0] == "fastbn-bench"
+    again = bench.parse_args(command[1:])
+    for name in ("shapes", "layouts", "dtypes", "ops", "threads", "impls", "modes"):
+        assert getattr(again, name) == getattr(config, name), name
+    for name in ("repeat", "warmup", "pause", "copy_mib"):
+        assert getattr(again, name) == getattr(config, name), name
+
+
+#: Medians (ms) of the synthetic report at 1 thread, NCHW; NHWC takes twice as long and
+#: every implementation but NumPy twice as fast with 2 threads.
+SYNTHETIC_MS = {
+    ("cython", "fresh"): 4.0,
+    ("cython", "out"): 2.0,
+    ("numba", "fresh"): 5.0,
+    ("numba", "out"): 2.5,
+    ("numpy", "fresh"): 20.0,
+    ("torch", "fresh"): 6.0,
+    ("onnxruntime", "fresh"): 8.0,
+    ("onnxruntime", "out"): 5.0,
+}
+
+
+def _synthetic_report(impls: list[str], modes: list[str], threads: list[int]) -> dict[str, Any]:
+    """A complete hand-made report of ``infer`` on (8, 4, 5, 5) in both layouts."""
+    rows = []
+    for layout, scale in (("NCHW", 1.0), ("NHWC", 2.0)):
+        for n in threads:
+            for (impl, mode), ms in SYNTHETIC_MS.items():
+                if impl not in impls or (mode not in modes and impl != "numpy"):
+                    continue
+                kind = bench.impl_kind(impl)
+                t = ms * scale / 1e3 / (1 if kind == "baseline" else n)
+                rows.append(
+                    {
+                        "shape": [8, 4, 5, 5],
+                        "array_shape": [8, 4, 5, 5] if layout == "NCHW" else [8, 5, 5, 4],
+                        "layout": layout,
+                        "dtype": "float32",
+                        "op": "infer",
+                        "threads": n,
+                        "impl": impl,
+                        "kind": kind,
+                        "mode": mode,
+                        "median_s": t,
+                        "min_s": t,
+                        "q1_s": t,
+                        "q3_s": t,
+                        "times_s": [t],
+                        "nbytes": 3200,
+                        "passes": 2,
+                        "passes_min": 2,
+                        "gbps": 6400 / t / 1e9,
+                        "copy_s": t / 4,
+                        "roofline": 0.5,
+                        "roofline_run": 0.5,
+                        "vs": {},
+                        "thread_scaling": None,
+                        "peak_extra_bytes": None,
+                        "note": "",
+                    }
+                )
+    bench.timing._add_ratios(rows)
+    copy = [
+        {
+            "threads": n,
+            "nbytes": 256 << 20,
+            "gbps": 10.0 * n,
+            "method": "numpy-copyto-threads",
+            "methods": {"numpy-copyto-threads": 10.0 * n},
+            "fresh_gbps": 2.5 * n,
+        }
+        for n in threads
+    ]
+    return {
+        "schema": "fastbn-bench",
+        "version": bench.SCHEMA_VERSION,
+        "created": "2026-01-02T03:04:05+00:00",
+        "machine": {"cpus": 2, "loadavg": [1.0, 0.5, 0.25]},
+        "config": {
+            "shapes": [[8, 4, 5, 5]],
+            "layouts": ["NCHW", "NHWC"],
+            "dtypes": ["float32"],
+            "ops": ["infer"],
+            "threads": threads,
+            "implementations": impls,
+            "modes": modes,
+            "repeat": 7,
+            "warmup": 1,
+            "pause": 0.005,
+        },
+        "copy": copy,
+        "notes": [],
+        "results": rows,
+        "cold_start": [],
+    }
+
+
+def _from_json(tmp_path: Path, report: dict[str, Any], monkeypatch: Any) -> str:
+    """Render `report` through ``--from-json ... --markdown`` (measuring is an error)."""
+
+    def no_run(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("--from-json must not measure")
+
+    monkeypatch.setattr(bench, "run", no_run)
+    src = tmp_path / "in.json"
+    out_md = tmp_path / "out.md"
+    bench.write_json(report, str(src))
+    assert bench.main(["--from-json", str(src), "--markdown", str(out_md)]) == 0
+    return out_md.read_text()
+
+
+def test_from_json_renders_the_readme_tables(
+    tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    impls = ["cython", "numba", "numpy", "torch", "onnxruntime"]
+    report = _synthetic_report(impls, ["fresh", "out"], [2])
+    text = _from_json(tmp_path, report, monkeypatch)
+    assert text == (
+        "Measured by `fastbn-bench --shape 8,4,5,5 --op infer --threads 2 "
+        "--backend cython,numba,numpy,torch,onnxruntime` on 2026-01-02T03:04:05+00:00; "
+        "copy bandwidth 20.0 GB/s with 2 threads (read+write, 256 MiB; 5.0 GB/s into a "
+        "fresh array); load average 1.00, 0.50, 0.25 (1, 5, 15 min) at the end of the run "
+        "on 2 CPUs.\n"
+        "\n"
+        "**infer** (ms, median; ratio = peer time / fastbn time, same run)\n"
+        "\n"
+        "| shape | layout | cython fresh | cython out | numba fresh | numba out | torch "
+        "| ORT fresh | ORT out | NumPy | best fastbn vs torch (fresh) "
+        "| best fastbn out vs ORT out | cython out, % of copy roofline |\n"
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n"
+        "| 8x4x5x5 | NCHW | 2.00 | 1.00 | 2.50 | 1.25 | 3.00 | 4.00 | 2.50 | 20.00 "
+        "| 1.50x | 2.50x | 50% |\n"
+        "| 8x4x5x5 | NHWC | 4.00 | 2.00 | 5.00 | 2.50 | 6.00 | 8.00 | 5.00 | 40.00 "
+        "| 1.50x | 2.50x | 50% |\n"
+    )
+    assert "copy bandwidth" in capsys.readouterr().out  # the console tables too
+
+
+def test_from_json_thread_scaling_table(tmp_path: Path, monkeypatch: Any) -> None:
+    report = _synthetic_report(["cython", "numba", "numpy"], ["out"], [1, 2])
+    text = _from_json(tmp_path, report, monkeypatch)
+    assert text.splitlines()[0].startswith(
+        "Measured by `fastbn-bench --shape 8,4,5,5 --op infer --threads 1,2 "
+        "--backend cython,numba,numpy --mode out` on 2026-01-02T03:04:05+00:00; "
+        "copy bandwidth 10.0 GB/s with 1 thread, 20.0 GB/s with 2 threads "
+    )
+    assert "**infer**, 1 thread (ms, median)" in text
+    assert "**infer**, 2 threads (ms, median)" in text
+    assert (
+        "\n**Thread scaling** (ms, median; speed-up = time with 1 thread / time with "
+        "2 threads)\n"
+        "\n"
+        "| shape | layout | op | cython 1 thr | cython 2 thr | speed-up "
+        "| numba 1 thr | numba 2 thr | speed-up |\n"
+        "| --- | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: |\n"
+        "| 8x4x5x5 | NCHW | infer | 2.00 | 1.00 | 2.00x | 2.50 | 1.25 | 2.00x |\n"
+        "| 8x4x5x5 | NHWC | infer | 4.00 | 2.00 | 2.00x | 5.00 | 2.50 | 2.00x |\n"
+    ) in text
+    per_thread = _tables(text)[0]
+    roofline = "cython out, % of copy roofline"
+    assert per_thread[0] == ["shape", "layout", "cython out", "numba out", "NumPy", roofline]
+
+
+def test_from_json_rejects_other_files(tmp_path: Path) -> None:
+    other = tmp_path / "other.json"
+    other.write_text(json.dumps({"schema": "something-else"}))
+    with pytest.raises(SystemExit, match="not a fastbn-bench report"):
+        bench.main(["--from-json", str(other), "--markdown", str(tmp_path / "o.md")])
+    assert not (tmp_path / "o.md").exists()
 
 
 @pytest.mark.skipif(bench.peer_version("onnxruntime") is None, reason="needs onnxruntime")

@@ -1,0 +1,235 @@
+"""``fastbn-bench``: compare fastbn's backends with plain NumPy, PyTorch and ONNX Runtime.
+
+Run ``fastbn-bench`` (or ``python -m fastbn.bench``) with no arguments to benchmark the
+default cases: shapes (32, 64, 56, 56), (64, 256, 56, 56), (128, 512, 7, 7) in both layouts
+and (4096, 1024) (an ``(N, C)`` input, listed as NHWC), float32, the operations ``train``
+(training forward), ``infer`` (inference forward), ``backward`` (backward pass alone) and
+``fwdbwd`` (training forward followed by backward), on every available fastbn CPU backend,
+plain NumPy and the installed peers, with as many threads as this process may use.
+
+The results are printed as tables; ``--json``, ``--plot`` and ``--markdown`` also write
+them as a JSON report (schema below), a bar chart and Markdown tables in the format of the
+README's "Measured results". ``--from-json FILE`` prints and writes (``--markdown``,
+``--plot``) a stored report again without measuring anything.
+
+Measurement
+-----------
+* Shapes are always given channels-first, as PyTorch writes them: ``N,C[,spatial...]``.
+  With ``--layout NHWC`` the benchmarked array is the channels-last ``(N, *spatial, C)``
+  array of that logical shape (PyTorch gets it as a ``channels_last`` tensor without a copy).
+* For every case and thread count the implementations are timed *interleaved*: each one is
+  first called ``--warmup`` times (JIT compilation, page faults and caches are excluded),
+  then ``--repeat`` rounds call every implementation once, in an order rotated each round,
+  with a short ``--pause`` before each call (at most that implementation's previous call
+  time) so that a runtime's spinning worker threads do not steal cores from the next
+  call. The reported time is the median over the rounds.
+* Outputs allocated fresh by each call (``mode = "fresh"``) and outputs written into a
+  preallocated, pre-faulted array (``mode = "out"``: fastbn's ``out=``, ONNX Runtime's
+  I/O binding) are reported separately.
+* The copy roofline is timed *with every case*, interleaved like an implementation: a
+  parallel copy of the case's input into a preallocated array of the same size (NumPy
+  ``copyto``, one contiguous slice per thread from a thread pool; NumPy releases the GIL and
+  glibc ``memcpy`` runs). ``roofline`` is ``passes * t_copy / 2 / t``: the fraction of the
+  time a copy-speed kernel making the nominal passes would take. Interleaving makes it
+  robust on a shared, noisy machine. The run also measures the machine's copy bandwidth
+  once per thread count on a large array (``copy`` in the JSON; ``roofline_run`` uses it):
+  the best of
+  (a) NumPy ``copyto`` of a large float32 array split in one contiguous slice per thread
+  and run from a thread pool (NumPy releases the GIL; glibc ``memcpy``), and (b) a Numba
+  ``prange`` copy loop. Bandwidth counts read + write bytes. The run also reports the
+  bandwidth of copying into a freshly allocated array (page faults included).
+* Effective bandwidth is ``passes * nbytes / median`` with the *nominal* pass count of the
+  operation (read or write of one whole tensor each): train 3, infer 2, backward 5,
+  fwdbwd 8; the roofline fractions use the same count. An NCHW kernel that keeps each
+  channel's slice (N x S values) in L2 needs fewer passes from memory (train 2,
+  backward 3, fwdbwd 5: ``passes_min`` in the JSON), so it may exceed 100 %; the nominal
+  count keeps the numbers comparable across layouts and matches the targets of issue 4
+  (">= 120 % of the 3-pass roofline").
+* ``vs <peer>`` is ``time(peer) / time(row)``: above 1 the row is faster. A fastbn row is
+  compared with the peer's row of the same mode when the peer has one, else with its fresh
+  row. Every implementation runs with the same thread count: ``fastbn.num_threads(n)``,
+  ``torch.set_num_threads(n)`` and ONNX Runtime's ``intra_op_num_threads = n``. Plain NumPy
+  is single-threaded whatever the count.
+
+Implementations
+---------------
+``<fastbn backend>``
+    ``fastbn.batch_norm_train``, ``fastbn.batch_norm(..., training=False)`` with running
+    statistics, ``fastbn.batch_norm_backward``; for every CPU backend in
+    ``fastbn.available_backends()``.
+``numpy``
+    What a user would write: ``x.mean``/``x.var`` (two-pass), broadcasting arithmetic.
+``torch``
+    ``torch.nn.functional.batch_norm`` (what ``BatchNorm2d`` calls) with running
+    statistics, under ``no_grad``/``inference_mode``; ``backward`` calls
+    ``aten.native_batch_norm_backward`` (the kernel autograd runs); ``fwdbwd`` is the
+    forward with autograd and ``y.backward(dy)``.
+``onnxruntime``
+    A one-node ``BatchNormalization`` model (inference only). ONNX is channels-first and a
+    NHWC model would need Transpose nodes, so NHWC cases time ORT on the NCHW array of the
+    same logical shape (noted in the output).
+
+JSON schema (``--json FILE``, ``"version": 1``)
+-----------------------------------------------
+``{"schema": "fastbn-bench", "version": 1, "created": ISO-8601 str,
+"machine": {"python", "platform", "processor", "cpus", "l2_bytes", "numpy", "fastbn",
+"backends": [str], "peers": {name: version or null}},
+"config": {"shapes": [[int]], "layouts": [str], "dtypes": [str], "ops": [str],
+"threads": [int], "implementations": [str], "modes": [str], "repeat", "warmup", "pause"},
+"copy": [{"threads", "nbytes", "gbps", "method", "methods": {name: gbps},
+"fresh_gbps"}], "notes": [str],
+"results": [{"shape": [int], "array_shape": [int], "layout", "dtype", "op", "threads",
+"impl", "kind": "fastbn"|"baseline"|"peer", "mode": "fresh"|"out", "median_s", "min_s",
+"q1_s", "q3_s", "times_s": [float], "nbytes", "passes", "passes_min", "gbps",
+"copy_s", "roofline", "roofline_run", "vs": {impl: ratio}, "thread_scaling": float or null,
+"peak_extra_bytes": int or null, "note": str}],
+"cold_start": [{"impl", "shape", "layout", "import_s", "first_call_s", "second_call_s",
+"note"}]}``.
+Times are in seconds, bandwidths in GB/s (1e9 bytes/s), ``roofline`` is a fraction.
+
+Modules
+-------
+``cli`` (arguments and :class:`Config`), ``cases`` (cases, constants, data), ``impls`` (the
+timed callables), ``machine`` (CPUs, versions, copy bandwidth), ``timing`` (interleaved
+timing and :func:`run`), ``cold`` (cold start), ``report`` (console tables, JSON, plot, Markdown).
+Their public names are re-exported here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from .cases import (
+    DEFAULT_SHAPES,
+    DTYPES,
+    EPS,
+    LAYOUTS,
+    MODES,
+    MOMENTUM,
+    OPS,
+    PASSES,
+    Case,
+    Data,
+    channel_axis,
+    default_cases,
+    make_data,
+)
+from .cli import Config, build_parser, parse_args, parse_shape, resolve_impls
+from .cold import cold_start
+from .impls import (
+    BASELINE,
+    PEERS,
+    fastbn_backends,
+    impl_kind,
+    impl_modes,
+    make_callable,
+    supports,
+    thread_scope,
+)
+from .machine import (
+    available_cpus,
+    l2_cache_bytes,
+    machine_info,
+    measure_copy_bandwidth,
+    peer_version,
+)
+from .report import (
+    command_line,
+    markdown,
+    read_json,
+    render,
+    write_json,
+    write_markdown,
+    write_plot,
+)
+from .timing import COPY, SCHEMA_VERSION, Entry, peak_extra_bytes, run, time_entries
+
+__all__ = [
+    "BASELINE",
+    "COPY",
+    "DEFAULT_SHAPES",
+    "DTYPES",
+    "EPS",
+    "LAYOUTS",
+    "MODES",
+    "MOMENTUM",
+    "OPS",
+    "PASSES",
+    "PEERS",
+    "SCHEMA_VERSION",
+    "Case",
+    "Config",
+    "Data",
+    "Entry",
+    "available_cpus",
+    "build_parser",
+    "channel_axis",
+    "cold_start",
+    "command_line",
+    "default_cases",
+    "fastbn_backends",
+    "impl_kind",
+    "impl_modes",
+    "l2_cache_bytes",
+    "machine_info",
+    "main",
+    "make_callable",
+    "make_data",
+    "markdown",
+    "measure_copy_bandwidth",
+    "parse_args",
+    "parse_shape",
+    "peak_extra_bytes",
+    "peer_version",
+    "read_json",
+    "render",
+    "resolve_impls",
+    "run",
+    "supports",
+    "thread_scope",
+    "time_entries",
+    "write_json",
+    "write_markdown",
+    "write_plot",
+]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Command-line entry point of ``fastbn-bench``.
+
+    Parameters
+    ----------
+    argv : sequence of str, optional
+        Arguments without the program name; ``sys.argv[1:]`` when None.
+
+    Returns
+    -------
+    int
+        Exit status (0).
+
+    Raises
+    ------
+    SystemExit
+        When the file of ``--from-json`` cannot be read as a report.
+    """
+    from rich.console import Console
+
+    config = parse_args(argv)
+    if config.from_json:
+        try:
+            report = read_json(config.from_json)
+        except (OSError, ValueError) as exc:  # ValueError includes JSONDecodeError
+            raise SystemExit(f"fastbn-bench: error: {exc}") from None
+    else:
+        report = run(config, Console(stderr=True))
+    out = Console()
+    if not out.is_terminal:
+        out = Console(width=200)  # files and pipes: do not wrap the tables at 80 columns
+    render(report, out)
+    if config.json_path:
+        write_json(report, config.json_path)
+    if config.plot_path:
+        write_plot(report, config.plot_path)
+    if config.markdown_path:
+        write_markdown(report, config.markdown_path)
+    return 0

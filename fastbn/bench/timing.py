@@ -1,0 +1,359 @@
+"""Timing and the run: interleaved rounds, peak memory, the rows of the report."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import statistics
+import time
+import tracemalloc
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from .cases import Case, Data, make_data
+from .cold import cold_start
+from .impls import (
+    BASELINE,
+    PEERS,
+    copy_callable,
+    impl_kind,
+    impl_modes,
+    make_callable,
+    supports,
+    thread_scope,
+)
+from .machine import available_cpus, l2_cache_bytes, machine_info, measure_copy_bandwidth
+
+if TYPE_CHECKING:
+    from .cli import Config
+
+SCHEMA_VERSION = 1
+#: The same-size parallel copy timed with every case (the roofline), never a result row.
+COPY = "copy"
+
+
+@dataclass
+class Entry:
+    """One implementation/mode of one case at one thread count, and its measurements."""
+
+    impl: str
+    mode: str
+    func: Callable[[], object]
+    times: list[float] = field(default_factory=list)
+    peak_extra: int | None = None
+
+
+def _output_bytes(case: Case) -> int:
+    """Bytes a fresh-output call must allocate (y, dx, or both for fwdbwd)."""
+    return case.nbytes * (2 if case.op == "fwdbwd" else 1)
+
+
+def peak_extra_bytes(func: Callable[[], object], case: Case, mode: str) -> int:
+    """Peak memory one call allocates beyond the outputs it must return (tracemalloc).
+
+    Parameters
+    ----------
+    func : callable
+        The operation, e.g. from :func:`make_callable`.
+    case : Case
+        Its case; a fresh-mode call is allowed its outputs (``y``; ``dx``; both for
+        ``fwdbwd``).
+    mode : {"fresh", "out"}
+        How `func` gets its outputs.
+
+    Returns
+    -------
+    int
+        Peak traced bytes minus the allowed outputs (0 at least). tracemalloc sees
+        Python's and NumPy's allocations, not a compiled runtime's own (numba NRT, OpenMP,
+        PyTorch, ONNX Runtime).
+    """
+    tracemalloc.start()
+    try:
+        tracemalloc.reset_peak()
+        base, _ = tracemalloc.get_traced_memory()
+        result = func()
+        _, peak = tracemalloc.get_traced_memory()
+        del result
+    finally:
+        tracemalloc.stop()
+    outputs = _output_bytes(case) if mode == "fresh" else 0
+    return max(int(peak - base - outputs), 0)
+
+
+def time_entries(
+    entries: list[Entry],
+    repeat: int,
+    warmup: int,
+    pause: float,
+    advance: Callable[[int], None] = lambda n: None,
+) -> None:
+    """Warm every entry up, then time `repeat` interleaved rounds (rotated order).
+
+    Parameters
+    ----------
+    entries : list of Entry
+        Their ``times`` receive one value per round.
+    repeat, warmup : int
+        Timed rounds; untimed calls per entry before them.
+    pause : float
+        Seconds slept before each timed call, at most the entry's previous call time
+        (so that microsecond calls are not timed after a long idle period).
+    advance : callable
+        Called with the number of calls done (progress bar).
+    """
+    last = {}
+    for entry in entries:
+        last[id(entry)] = 0.0
+        for _ in range(warmup):
+            t0 = time.perf_counter()
+            result = entry.func()
+            last[id(entry)] = time.perf_counter() - t0
+            del result
+        advance(warmup)
+    k = len(entries)
+    for r in range(repeat):
+        for j in range(k):
+            entry = entries[(r + j) % k]
+            nap = min(pause, last[id(entry)])
+            if nap > 0:
+                time.sleep(nap)
+            t0 = time.perf_counter()
+            result = entry.func()
+            t1 = time.perf_counter()
+            del result
+            entry.times.append(t1 - t0)
+            last[id(entry)] = t1 - t0
+            advance(1)
+
+
+def _plan(config: Config) -> list[tuple[Case, int, list[tuple[str, str]]]]:
+    """Every (case, threads) group with the (impl, mode) pairs it times."""
+    plan = []
+    for case in config.cases():
+        pairs = [
+            (impl, mode)
+            for impl in config.impls
+            if supports(impl, case)
+            for mode in impl_modes(impl, case, config.modes)
+        ]
+        plan.extend((case, n, pairs) for n in config.threads)
+    return plan
+
+
+def run(config: Config, console: Any = None) -> dict[str, Any]:
+    """Run the benchmark described by `config` and return the report (the JSON document).
+
+    Parameters
+    ----------
+    config : Config
+        What to measure.
+    console : rich.console.Console, optional
+        Where the progress bar goes; a new console on stderr when None.
+
+    Returns
+    -------
+    dict
+        The report; see the module docstring for its schema.
+    """
+    from rich.console import Console
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    console = console or Console(stderr=True)
+    l2 = l2_cache_bytes()
+    notes = list(config.notes)
+    if "onnxruntime" in config.impls:
+        if any(op != "infer" for op in config.ops):
+            notes.append("onnxruntime: inference only (BatchNormalization is an inference op)")
+        if "NHWC" in config.layouts and any(len(s) > 2 for s in config.shapes):
+            notes.append(
+                "onnxruntime on NHWC cases: timed on the NCHW array of the same logical "
+                "shape (ONNX BatchNormalization is channels-first; an NHWC model needs "
+                "Transpose nodes)"
+            )
+        notes.append("onnxruntime 'out' mode: I/O binding to a preallocated output")
+    if "numpy" in config.impls:
+        notes.append("numpy: plain vectorized NumPy, single-threaded at every thread count")
+    if "torch" in config.impls:
+        notes.append(
+            "torch: F.batch_norm with running stats (BatchNorm2d's call); backward = "
+            "aten.native_batch_norm_backward; fwdbwd = autograd"
+        )
+    notes.append(
+        "passes (nominal, used for GB/s and roofline): train 3, infer 2, backward 5, "
+        "fwdbwd 8; NCHW channel slices within L2 "
+        f"({l2 // 1024} KiB) need only 2/2/3/5 from memory (passes_min)"
+    )
+
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load is not None:
+        notes.append(
+            f"load average at start {load[0]:.2f} on {available_cpus()} CPUs (other processes "
+            "slow multi-threaded timings; see machine.loadavg for the end of the run)"
+        )
+    plan = _plan(config)
+    total = sum((len(pairs) + 1) * (config.warmup + config.repeat) for _, _, pairs in plan)
+    results: list[dict[str, Any]] = []
+    copy: dict[int, dict[str, Any]] = {}
+    progress = Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=not config.progress,
+        transient=True,
+    )
+    with progress:
+        task = progress.add_task("copy bandwidth", total=total + len(config.threads))
+        for n in config.threads:
+            copy[n] = measure_copy_bandwidth(n, config.copy_mib * 1024 * 1024)
+            progress.advance(task)
+        data: Data | None = None
+        data_key: tuple[Any, ...] | None = None
+        for case, n, pairs in plan:
+            key = (case.shape, case.layout, case.dtype)
+            if key != data_key:
+                data = None  # free the previous arrays first
+                with_dy = any(op in ("backward", "fwdbwd") for op in config.ops)
+                data = make_data(case, config.seed, with_dy=with_dy)
+                data_key = key
+            assert data is not None
+            progress.update(task, description=f"{case.id} {n}t")
+            with thread_scope(config.impls, n), ThreadPoolExecutor(n) as pool:
+                entries = [
+                    Entry(impl, mode, make_callable(impl, case, data, mode, n))
+                    for impl, mode in pairs
+                ]
+                entries.append(Entry(COPY, "out", copy_callable(data, n, pool)))
+                time_entries(
+                    entries,
+                    config.repeat,
+                    config.warmup,
+                    config.pause,
+                    lambda k: progress.advance(task, k),
+                )
+                if config.memory:
+                    for entry in entries:
+                        if impl_kind(entry.impl) in ("fastbn", "baseline"):
+                            entry.peak_extra = peak_extra_bytes(entry.func, case, entry.mode)
+            results.extend(_rows(case, n, entries, copy[n], l2))
+            del entries  # their closures hold the arrays: free them before the next shape
+        data = None
+    _add_ratios(results)
+    report: dict[str, Any] = {
+        "schema": "fastbn-bench",
+        "version": SCHEMA_VERSION,
+        "created": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "machine": machine_info(l2),
+        "config": {
+            "shapes": [list(s) for s in config.shapes],
+            "layouts": config.layouts,
+            "dtypes": config.dtypes,
+            "ops": config.ops,
+            "threads": config.threads,
+            "implementations": config.impls,
+            "modes": config.modes,
+            "repeat": config.repeat,
+            "warmup": config.warmup,
+            "pause": config.pause,
+        },
+        "copy": [copy[n] for n in config.threads],
+        "notes": notes,
+        "results": results,
+        "cold_start": [],
+    }
+    if config.cold_start:
+        report["cold_start"] = cold_start(config)
+    return report
+
+
+def _rows(
+    case: Case, threads: int, entries: list[Entry], copy: dict[str, Any], l2: int
+) -> list[dict[str, Any]]:
+    rows = []
+    nominal, minimum = case.passes(l2)
+    copy_entry = next(e for e in entries if e.impl == COPY)
+    copy_s = statistics.median(copy_entry.times)
+    for entry in entries:
+        if entry is copy_entry:
+            continue
+        ts = sorted(entry.times)
+        median = statistics.median(ts)
+        q = statistics.quantiles(ts, n=4) if len(ts) >= 2 else [ts[0]] * 3
+        gbps = nominal * case.nbytes / median / 1e9
+        note = ""
+        if entry.impl == "onnxruntime" and case.layout == "NHWC" and len(case.shape) > 2:
+            note = "NCHW array (ONNX is channels-first)"
+        if entry.impl == BASELINE and threads > 1:
+            note = "single-threaded"
+        rows.append(
+            {
+                "shape": list(case.shape),
+                "array_shape": list(case.array_shape),
+                "layout": case.layout,
+                "dtype": case.dtype,
+                "op": case.op,
+                "threads": threads,
+                "impl": entry.impl,
+                "kind": impl_kind(entry.impl),
+                "mode": entry.mode,
+                "median_s": median,
+                "min_s": ts[0],
+                "q1_s": q[0],
+                "q3_s": q[2],
+                "times_s": entry.times,
+                "nbytes": case.nbytes,
+                "passes": nominal,
+                "passes_min": minimum,
+                "gbps": gbps,
+                "copy_s": copy_s,
+                "roofline": nominal * copy_s / 2 / median,
+                "roofline_run": gbps / copy["gbps"],
+                "vs": {},
+                "thread_scaling": None,
+                "peak_extra_bytes": entry.peak_extra,
+                "note": note,
+            }
+        )
+    return rows
+
+
+def _add_ratios(rows: list[dict[str, Any]]) -> None:
+    """Fill ``vs`` (peer and numpy ratios) and ``thread_scaling`` in place."""
+    index = {
+        (
+            tuple(r["shape"]),
+            r["layout"],
+            r["dtype"],
+            r["op"],
+            r["threads"],
+            r["impl"],
+            r["mode"],
+        ): r
+        for r in rows
+    }
+    for r in rows:
+        key = (tuple(r["shape"]), r["layout"], r["dtype"], r["op"])
+        if r["kind"] != "peer":
+            for other in (*PEERS, BASELINE):
+                if other == r["impl"]:
+                    continue
+                ref = index.get((*key, r["threads"], other, r["mode"])) or index.get(
+                    (*key, r["threads"], other, "fresh")
+                )
+                if ref is not None:
+                    r["vs"][other] = ref["median_s"] / r["median_s"]
+        one = index.get((*key, 1, r["impl"], r["mode"]))
+        if one is not None and r["threads"] != 1:
+            r["thread_scaling"] = one["median_s"] / r["median_s"]
