@@ -1212,7 +1212,9 @@ cdef int _nhwc_stats_into(const floating* xp, idx_t R, idx_t C, int nthreads,
     cdef double* part = _alloc(2 * ns * C)
     cdef double* scratch
     try:
-        scratch = _alloc(3 * C * nt)
+        # One cache line of padding between the threads' scratch: the lanes are written
+        # for every value, and a line shared by two threads would ping-pong between cores.
+        scratch = _alloc((3 * C + 8) * nt)
         try:
             with nogil:
                 for k in prange(ns, schedule="static", num_threads=nt):
@@ -1220,7 +1222,7 @@ cdef int _nhwc_stats_into(const floating* xp, idx_t R, idx_t C, int nthreads,
                     if e > R:
                         e = R
                     _nhwc_moments(xp, C, k * sr, e, br, part + k * C, part + (ns + k) * C,
-                                  scratch + 3 * C * threadid())
+                                  scratch + (3 * C + 8) * threadid())
                 _nhwc_merge(C, R, sr, ns, part, part + ns * C, mp, vp)
                 for c in range(C):
                     vp[c] = vp[c] / <double>R
