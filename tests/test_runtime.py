@@ -268,3 +268,50 @@ def test_compiled_kernels_are_cached_on_disk(tmp_path):
         f"the second process compiled again instead of loading the disk cache: {stats} "
         f"(first process: {first.stdout.strip()})"
     )
+
+
+def test_same_bits_from_the_disk_cache_and_a_fresh_compile(tmp_path):
+    """Kernels loaded from numba's disk cache give the bits of a fresh compile.
+
+    (With fast-math on the per-channel and elementwise code, LLVM's choices differed between
+    the two and float64 dx changed by an ulp from one process to the next.) float64 only, one
+    shape per NCHW path and NHWC: each fresh process compiles every kernel it calls.
+    """
+    if "numba" not in fastbn.available_backends():
+        pytest.skip("numba is not available")
+    code = """
+        import hashlib
+        import numpy as np
+        import fastbn
+        digest = hashlib.sha256()
+        rng = np.random.default_rng(5)
+        for shape in [(4, 3, 7), (2, 3, 5003)]:
+            for dtype in (np.float64,):
+                for layout in ("NCHW", "NHWC"):
+                    x = (rng.standard_normal(shape) * 3 + 1).astype(dtype)
+                    dy = rng.standard_normal(shape).astype(dtype)
+                    if layout == "NHWC":
+                        x, dy = (np.ascontiguousarray(np.moveaxis(a, 1, -1)) for a in (x, dy))
+                    c = shape[1]
+                    w, b = rng.random(c) + 0.5, rng.random(c)
+                    kw = {"layout": layout, "backend": "numba"}
+                    y, mean, invstd = fastbn.batch_norm_train(x, w, b, **kw)
+                    outs = [y, mean, invstd, *fastbn.moments(x, **kw)]
+                    for training in (True, False):
+                        bwd = fastbn.batch_norm_backward(dy, x, mean, invstd, w, **kw,
+                                                         training=training)
+                        outs += bwd
+                    outs.append(fastbn.batch_norm(x, mean, 1 / invstd**2, w, b, **kw))
+                    for a in outs:
+                        digest.update(np.ascontiguousarray(a).tobytes())
+        print(digest.hexdigest())
+    """
+    cached = {"NUMBA_CACHE_DIR": str(tmp_path), "FASTBN_NUMBA_CACHE": "1"}
+    runs = {
+        "fresh compile, filling the cache": run_python(code, **cached),
+        "loaded from the cache": run_python(code, **cached),
+    }
+    for what, res in runs.items():
+        assert res.returncode == 0, f"{what}: {res.stderr}"
+    digests = {what: res.stdout.strip().splitlines()[-1] for what, res in runs.items()}
+    assert len(set(digests.values())) == 1, f"numba results differ between processes: {digests}"

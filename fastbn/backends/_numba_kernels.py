@@ -21,14 +21,20 @@ from .numba_cpu import (
 )
 
 _cache = _cache_enabled()
-inline = njit(inline="always", fastmath=_FASTMATH, nogil=True)
-parallel = njit(parallel=True, nogil=True, fastmath=_FASTMATH, cache=_cache)
-serial = njit(nogil=True, fastmath=_FASTMATH, cache=_cache)
+# Fast-math (reassociation) only where it is needed: the float64 sums over one row or row
+# block, which LLVM vectorizes with it. Everything else (per-channel arithmetic, Chan
+# merges, elementwise outputs) is plain IEEE arithmetic in source order: with reassociation
+# allowed there, LLVM's choices differed between a fresh compile and the code loaded from
+# the disk cache (1-ulp differences in dx between processes).
+reduction = njit(nogil=True, fastmath=_FASTMATH, cache=_cache)
+serial = njit(nogil=True, cache=_cache)
+inline = njit(inline="always", nogil=True)
+parallel = njit(parallel=True, nogil=True, cache=_cache)
 
 # ------------------------------------------------------------ row primitives
 
 
-@serial
+@reduction
 def row_sum(xr):
     total = 0.0
     for i in range(xr.shape[0]):
@@ -36,7 +42,7 @@ def row_sum(xr):
     return total
 
 
-@serial
+@reduction
 def row_deviations(xr, m):
     """(sum(x - m), sum((x - m)**2)) in float64."""
     sd = 0.0
@@ -59,7 +65,7 @@ def block_normalize(xb, mean, scale, bias, yb):
             yb[j, i] = (xb[j, i] - m) * sc + b
 
 
-@serial
+@reduction
 def row_grad_sums(dr, xr, mu):
     """(sum(dy), sum(dy * (x - mu))) in float64."""
     sdy = 0.0
@@ -83,7 +89,7 @@ def block_dx(db, xb, mean, k, shift, proj, outb):
             outb[j, i] = kj * (db[j, i] - a - (xb[j, i] - m) * q)
 
 
-@serial
+@reduction
 def cols_add(xb, acc):
     """acc[j] += sum of column j of the (rows, C) block xb, row after row."""
     for r in range(xb.shape[0]):
@@ -91,7 +97,7 @@ def cols_add(xb, acc):
             acc[j] += xb[r, j]
 
 
-@serial
+@reduction
 def cols_deviations(xb, m, sd, sq):
     """sd[j] += sum(xb[:, j] - m[j]) and sq[j] += sum((xb[:, j] - m[j])**2), row by row."""
     for r in range(xb.shape[0]):
@@ -108,7 +114,7 @@ def cols_normalize(xb, mean, scale, bias, yb):
             yb[r, j] = (xb[r, j] - mean[j]) * scale[j] + bias[j]
 
 
-@serial
+@reduction
 def cols_grad_sums(db, xb, mean, a, b):
     """a[j] += sum(dy[:, j]) and b[j] += sum(dy[:, j] * (x[:, j] - mean[j])), row by row."""
     for r in range(xb.shape[0]):

@@ -50,7 +50,8 @@ GROUP_VALUES = 1024
 GROUP_MAX = 64
 GROUP_CACHE = 131072
 
-# Reassociation lets LLVM vectorize the float64 accumulations; it is decided at compile
+# Reassociation lets LLVM vectorize the float64 accumulations of the row-reduction
+# primitives (only those are compiled with it, see _numba_kernels); it is decided at compile
 # time, so it cannot make results depend on the thread count. No 'nnan'/'ninf': NaN and
 # infinity propagate as in IEEE arithmetic.
 _FASTMATH = {"reassoc", "contract", "nsz"}
