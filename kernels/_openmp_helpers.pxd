@@ -98,3 +98,25 @@ cdef extern from "_lanes.h":
                                 double* a, double* b) noexcept nogil
     void fastbn_acc_sum_dot_f64(const double* g, const double* p, Py_ssize_t n, double m,
                                 double* a, double* b) noexcept nogil
+
+
+# The elementwise loops, block by block (see _elementwise.h; same bits as plain loops).
+cdef extern from "_elementwise.h":
+    void fastbn_apply_f32(const float* x, float* y, Py_ssize_t n, double m, double sc,
+                          double b) noexcept nogil
+    void fastbn_apply_f64(const double* x, double* y, Py_ssize_t n, double m, double sc,
+                          double b) noexcept nogil
+    void fastbn_apply_cols_f32(const float* x, float* y, Py_ssize_t n, const double* m,
+                               const double* sc, const double* b) noexcept nogil
+    void fastbn_apply_cols_f64(const double* x, double* y, Py_ssize_t n, const double* m,
+                               const double* sc, const double* b) noexcept nogil
+    void fastbn_dx_f32(const float* g, const float* x, float* d, Py_ssize_t n, double m,
+                       double k, double a, double q) noexcept nogil
+    void fastbn_dx_f64(const double* g, const double* x, double* d, Py_ssize_t n,
+                       double m, double k, double a, double q) noexcept nogil
+    void fastbn_dx_cols_f32(const float* g, const float* x, float* d, Py_ssize_t n,
+                            const double* m, const double* k, const double* a,
+                            const double* q) noexcept nogil
+    void fastbn_dx_cols_f64(const double* g, const double* x, double* d, Py_ssize_t n,
+                            const double* m, const double* k, const double* a,
+                            const double* q) noexcept nogil
