@@ -81,11 +81,10 @@ def choose_backend(name: str | None) -> ModuleType:
     """Resolve the user's `backend` argument: a name, or None for the automatic choice.
 
     The automatic choice is the compiled Cython backend when it was built, otherwise numba.
-    Measured with fastbn-bench on the benchmark shapes (README, "Measured results"), Cython
-    is faster or within noise on every channels-last case and on short NCHW rows (about
-    2x on (128, 512, 7, 7)), numba leads on a few NCHW cases (backward of (64, 256, 56, 56):
-    54 against 64 ms) by less than a numba compile costs in a fresh process (0.5 s from the
-    disk cache, 4 s without). It never picks ``"cuda"`` for NumPy inputs.
+    Measured with fastbn-bench on the benchmark shapes (README, "Measured results"), the two
+    are within noise of each other on most cases, each leading on a few by less than a numba
+    compile costs in a fresh process (0.4 s from the disk cache, 6 s without; the Cython
+    backend's first call takes 13 ms). It never picks ``"cuda"`` for NumPy inputs.
     """
     if name is not None:
         return get_backend(name)
