@@ -217,6 +217,17 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
 
 
 @inline
+def nchw_unit_moments(x, u, g, rows, blocks, piece, pieces):
+    """(c0, gl, cnt, m, m2, scratch) of work unit u: the moments of channels c0..c0+gl."""
+    n_rows, n_ch, s = x.shape
+    c0 = u * g
+    gl = min(n_ch - c0, g)
+    cnt, m, m2, t, sd, sq = np.empty((6, g))
+    nchw_fold(x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq)
+    return c0, gl, cnt, m, m2, t
+
+
+@inline
 def nchw_grad_sums(dy, x, c0, gl, mean, n0, n1, a, b):
     """a[j], b[j] = sum(dy) and sum(dy*(x-mean)) over rows n0..n1 of channel c0+j."""
     for j in range(gl):
@@ -239,12 +250,7 @@ def nchw_stats_channels(x, mean, var):
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
     g = nchw_group(n_rows, n_ch, s)
     for u in prange((n_ch + g - 1) // g):
-        c0 = u * g
-        gl = min(n_ch - c0, g)
-        cnt, m, m2, t, sd, sq = np.empty((6, g))
-        nchw_fold(
-            x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq
-        )
+        c0, gl, cnt, m, m2, _ = nchw_unit_moments(x, u, g, rows, blocks, piece, pieces)
         for j in range(gl):
             mean[c0 + j] = m[j]
             var[c0 + j] = m2[j] / cnt[j]
@@ -287,12 +293,7 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd):
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
     g = nchw_group(n_rows, n_ch, s)
     for u in prange((n_ch + g - 1) // g):
-        c0 = u * g
-        gl = min(n_ch - c0, g)
-        cnt, m, m2, t, sd, sq = np.empty((6, g))
-        nchw_fold(
-            x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq
-        )
+        c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, g, rows, blocks, piece, pieces)
         c1 = c0 + gl
         for j in range(gl):
             c = c0 + j
