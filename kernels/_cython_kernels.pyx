@@ -69,6 +69,10 @@ from _openmp_helpers cimport (
     fastbn_dx_f64,
     fastbn_dx_cols_f32,
     fastbn_dx_cols_f64,
+    fastbn_cols_sum_f32,
+    fastbn_cols_sum_f64,
+    fastbn_cols_dev_sq_f32,
+    fastbn_cols_dev_sq_f64,
     fastbn_acc_sum_f32,
     fastbn_acc_sum_f64,
     fastbn_acc_dev_sq_f32,
@@ -357,6 +361,23 @@ cdef inline void _acc_sum_dot(const floating* g, const floating* p, idx_t n, dou
         fastbn_acc_sum_dot_f32(g, p, n, m, a, b)
     else:
         fastbn_acc_sum_dot_f64(g, p, n, m, a, b)
+
+
+cdef inline void _cols_sum(const floating* x, idx_t rows, idx_t C, double* k) noexcept nogil:
+    """``k[c]`` = sum of column ``c`` of the ``(rows, C)`` block ``x``, from row 0 down."""
+    if floating is float:
+        fastbn_cols_sum_f32(x, rows, C, k)
+    else:
+        fastbn_cols_sum_f64(x, rows, C, k)
+
+
+cdef inline void _cols_dev_sq(const floating* x, idx_t rows, idx_t C, const double* k,
+                              double* sd, double* sdd) noexcept nogil:
+    """``sd[c]`` += sum(x[:, c] - k[c]), ``sdd[c]`` += sum((x[:, c] - k[c])**2)."""
+    if floating is float:
+        fastbn_cols_dev_sq_f32(x, rows, C, k, sd, sdd)
+    else:
+        fastbn_cols_dev_sq_f64(x, rows, C, k, sd, sdd)
 
 
 # The elementwise loops are the blocked C loops of _elementwise.h: a plain loop stalled on
@@ -1070,29 +1091,26 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
     """(mean, M2) per channel of rows ``[r0, r1)``, chunk by chunk; ``t`` is 3*C scratch.
 
     Each chunk of ``br`` rows is centred on ``K``: the running mean of the stripe's chunks
-    before it (one pass: ``sum(x - K)`` and ``sum((x - K)**2)`` together, vectorized across
-    channels), or, for the first chunk, its own float64 mean (one extra pass).
+    before it (one pass: ``sum(x - K)`` and ``sum((x - K)**2)`` together, see _lanes.h), or,
+    for the first chunk, its own float64 mean (one extra pass).
     """
     cdef double* kc = t
     cdef double* sd = t + C
     cdef double* sdd = t + 2 * C
-    cdef idx_t ra, rb, r, c
+    cdef idx_t ra, rb, c
     cdef double na = 0.0, k, ik, tot, w, f, d, cm, cm2
-    cdef const floating* row
     ra = r0
     while ra < r1:
         rb = ra + br
         if rb > r1:
             rb = r1
         k = <double>(rb - ra)
+        # The next chunk streams in while this one is summed column block by column block.
+        if rb < r1:
+            _prefetch_run(x + rb * C, (br if rb + br <= r1 else r1 - rb) * C * sizeof(floating),
+                          False)
         if na == 0.0:
-            row = x + ra * C
-            for c in range(C):
-                kc[c] = row[c]
-            for r in range(ra + 1, rb):
-                row = x + r * C
-                for c in range(C):
-                    kc[c] = kc[c] + row[c]
+            _cols_sum(x + ra * C, rb - ra, C, kc)
             for c in range(C):
                 kc[c] = kc[c] / k
         else:
@@ -1101,12 +1119,7 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
         for c in range(C):
             sd[c] = 0.0
             sdd[c] = 0.0
-        for r in range(ra, rb):
-            row = x + r * C
-            for c in range(C):
-                d = row[c] - kc[c]
-                sd[c] = sd[c] + d
-                sdd[c] = sdd[c] + d * d
+        _cols_dev_sq(x + ra * C, rb - ra, C, kc, sd, sdd)
         ik = 1.0 / k
         if na == 0.0:
             for c in range(C):

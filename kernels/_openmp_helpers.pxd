@@ -88,6 +88,14 @@ cdef extern from "_stream_stores.h":
 # Sums over a contiguous run into 16 float64 lanes, SIMD registers for the lanes (see
 # _lanes.h; same bits as the plain loops in every build).
 cdef extern from "_lanes.h":
+    void fastbn_cols_sum_f32(const float* x, Py_ssize_t rows, Py_ssize_t C,
+                             double* k) noexcept nogil
+    void fastbn_cols_sum_f64(const double* x, Py_ssize_t rows, Py_ssize_t C,
+                             double* k) noexcept nogil
+    void fastbn_cols_dev_sq_f32(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* k,
+                                double* sd, double* sdd) noexcept nogil
+    void fastbn_cols_dev_sq_f64(const double* x, Py_ssize_t rows, Py_ssize_t C,
+                                const double* k, double* sd, double* sdd) noexcept nogil
     void fastbn_acc_sum_f32(const float* p, Py_ssize_t n, double* a) noexcept nogil
     void fastbn_acc_sum_f64(const double* p, Py_ssize_t n, double* a) noexcept nogil
     void fastbn_acc_dev_sq_f32(const float* p, Py_ssize_t n, double m, double* a,
