@@ -83,8 +83,8 @@ def choose_backend(name: str | None) -> ModuleType:
     The automatic choice is the compiled Cython backend when it was built, otherwise numba.
     Measured with fastbn-bench on the benchmark shapes (README, "Measured results"), the two
     are within noise of each other on most cases, each leading on a few by less than a numba
-    compile costs in a fresh process (0.4 s from the disk cache, 6 s without; the Cython
-    backend's first call takes 13 ms). It never picks ``"cuda"`` for NumPy inputs.
+    compile costs in a fresh process (0.4-0.5 s from the disk cache, 6-8 s without; the
+    Cython backend's first call takes 12-14 ms). It never picks ``"cuda"`` for NumPy inputs.
     """
     if name is not None:
         return get_backend(name)
