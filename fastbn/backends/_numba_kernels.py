@@ -217,6 +217,14 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
 
 
 @inline
+def nchw_unit_block(u, ng, g, n_ch):
+    """(sample, first channel, end channel) of elementwise work unit u (ng groups of g)."""
+    n = u // ng
+    c0 = (u - n * ng) * g
+    return n, c0, min(n_ch, c0 + g)
+
+
+@inline
 def nchw_unit_moments(x, u, g, rows, blocks, piece, pieces):
     """(c0, gl, cnt, m, m2, scratch) of work unit u: the moments of channels c0..c0+gl."""
     n_rows, n_ch, s = x.shape
@@ -314,9 +322,7 @@ def nchw_normalize(x, mean, scale, bias, y):
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
     for u in prange(n_rows * ng):
-        n = u // ng
-        c0 = (u - n * ng) * g
-        c1 = min(n_ch, c0 + g)
+        n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
         block_normalize(x[n, c0:c1], mean[c0:c1], scale[c0:c1], bias[c0:c1], y[n, c0:c1])
 
 
@@ -378,9 +384,7 @@ def nchw_dx(dy, x, mean, k, shift, proj, dx):
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
     for u in prange(n_rows * ng):
-        n = u // ng
-        c0 = (u - n * ng) * g
-        c1 = min(n_ch, c0 + g)
+        n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
         block_dx(
             dy[n, c0:c1],
             x[n, c0:c1],
