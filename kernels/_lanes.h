@@ -3,7 +3,7 @@
  * The reductions of the NCHW kernels of _cython_kernels.pyx: value i of the run goes to
  * lane i % 16, in run order, so the order of the additions is fixed by the code whatever
  * the instruction set (and whatever the thread count). With SIMD (the macros of
- * _stream_stores.h: 256-bit vectors in the x86-64-v3 build, 128-bit in the SSE2 one) the
+ * _simd.h: 256-bit vectors in the x86-64-v3 build, 128-bit in the SSE2 one) the
  * 16 lanes live in 16 / FBN_W registers for the whole run; gcc's own vectorization of the
  * plain loops kept them in memory, a store-to-load chain per step, several times slower.
  * Every lane receives the same IEEE operations as in the plain loops below (float32 widened
@@ -18,9 +18,9 @@
 
 #include <stddef.h>
 
-#include "_stream_stores.h"
+#include "_simd.h"
 
-#if FASTBN_STREAM_STORES
+#if FASTBN_SIMD
     #define FBN_NV (16 / FBN_W)
     #define FBN_LOAD_LANES(V, p) \
         for (int v_ = 0; v_ < FBN_NV; v_++) V[v_] = fbn_loadd((p) + v_ * FBN_W)
@@ -68,7 +68,7 @@
         }                                                                                    \
     }
 
-#if FASTBN_STREAM_STORES
+#if FASTBN_SIMD
     #define FBN_SIMD_SUM(LOADV)                                                              \
         {                                                                                    \
             fbn_vd va[FBN_NV];                                                               \
@@ -154,7 +154,7 @@ FBN_DEFINE_LANES(f64, double, fbn_loadd)
         }                                                                                    \
     }
 
-#if FASTBN_STREAM_STORES
+#if FASTBN_SIMD
     #define FBN_SIMD_COLS_SUM(LOADV)                                                         \
         for (; c + 16 <= C; c += 16) {                                                       \
             fbn_vd va[FBN_NV];                                                               \

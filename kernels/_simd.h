@@ -1,0 +1,47 @@
+/* The SIMD vocabulary of fastbn's C loops (_lanes.h, _stream_stores.h).
+ *
+ * FBN_W float64 lanes per vector: 256-bit vectors in the x86-64-v3 (or AVX) build, 128-bit
+ * in the baseline SSE2 one; FASTBN_SIMD is 0 on other targets, which use the plain loops.
+ * Only IEEE add/sub/mul and exact float32 widening: the builds give the same bits.
+ */
+#ifndef FASTBN_SIMD_H
+#define FASTBN_SIMD_H
+
+#if defined(__AVX__)
+    #include <immintrin.h>
+    #define FASTBN_SIMD 1
+    #define FBN_W 4                        /* doubles per vector */
+    #define FBN_ALIGN 32u                  /* bytes of one vector (streaming store) */
+    typedef __m256d fbn_vd;
+    #define fbn_set1(v) _mm256_set1_pd(v)
+    #define fbn_add(a, b) _mm256_add_pd(a, b)
+    #define fbn_sub(a, b) _mm256_sub_pd(a, b)
+    #define fbn_mul(a, b) _mm256_mul_pd(a, b)
+    #define fbn_loadd(p) _mm256_loadu_pd(p)
+    #define fbn_storeu(p, a) _mm256_storeu_pd((p), (a))
+    #define fbn_loadf(p) _mm256_cvtps_pd(_mm_loadu_ps(p))      /* FBN_W floats, widened */
+    /* Round 2*FBN_W doubles to float and stream them. */
+    #define fbn_streamf(p, a, b) \
+        _mm256_stream_ps((p), _mm256_set_m128(_mm256_cvtpd_ps(b), _mm256_cvtpd_ps(a)))
+    #define fbn_streamd(p, a) _mm256_stream_pd((p), (a))
+#elif defined(__SSE2__)
+    #include <emmintrin.h>
+    #define FASTBN_SIMD 1
+    #define FBN_W 2
+    #define FBN_ALIGN 16u
+    typedef __m128d fbn_vd;
+    #define fbn_set1(v) _mm_set1_pd(v)
+    #define fbn_add(a, b) _mm_add_pd(a, b)
+    #define fbn_sub(a, b) _mm_sub_pd(a, b)
+    #define fbn_mul(a, b) _mm_mul_pd(a, b)
+    #define fbn_loadd(p) _mm_loadu_pd(p)
+    #define fbn_storeu(p, a) _mm_storeu_pd((p), (a))
+    #define fbn_loadf(p) _mm_cvtps_pd(_mm_castsi128_ps(_mm_loadl_epi64((const __m128i*)(p))))
+    #define fbn_streamf(p, a, b) \
+        _mm_stream_ps((p), _mm_movelh_ps(_mm_cvtpd_ps(a), _mm_cvtpd_ps(b)))
+    #define fbn_streamd(p, a) _mm_stream_pd((p), (a))
+#else
+    #define FASTBN_SIMD 0
+#endif
+
+#endif
