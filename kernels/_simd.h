@@ -11,7 +11,6 @@
     #include <immintrin.h>
     #define FASTBN_SIMD 1
     #define FBN_W 4                        /* doubles per vector */
-    #define FBN_ALIGN 32u                  /* bytes of one vector (streaming store) */
     typedef __m256d fbn_vd;
     #define fbn_set1(v) _mm256_set1_pd(v)
     #define fbn_add(a, b) _mm256_add_pd(a, b)
@@ -28,7 +27,6 @@
     #include <emmintrin.h>
     #define FASTBN_SIMD 1
     #define FBN_W 2
-    #define FBN_ALIGN 16u
     typedef __m128d fbn_vd;
     #define fbn_set1(v) _mm_set1_pd(v)
     #define fbn_add(a, b) _mm_add_pd(a, b)
