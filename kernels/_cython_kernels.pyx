@@ -51,7 +51,7 @@ from _openmp_helpers cimport (
     FASTBN_OPENMP_ENABLED,
     FASTBN_STREAM_STORES,
     fastbn_cpu_has_x86_64_v3,
-    fastbn_llc_bytes,
+    fastbn_l2_bytes,
     fastbn_omp_get_max_threads,
     fastbn_openmp_version,
     fastbn_prefetch,
@@ -60,6 +60,12 @@ from _openmp_helpers cimport (
     fastbn_apply_nt_f64,
     fastbn_dx_nt_f32,
     fastbn_dx_nt_f64,
+    FBN_SBLOCK,
+    fastbn_wrap,
+    fastbn_apply_cols_nt_f32,
+    fastbn_apply_cols_nt_f64,
+    fastbn_dx_cols_nt_f32,
+    fastbn_dx_cols_nt_f64,
     fastbn_sfence,
     fastbn_apply_f32,
     fastbn_apply_f64,
@@ -112,19 +118,32 @@ SERIAL_WORK = _SERIAL_WORK
 
 
 # ---------------------------------------------------------------------------------------
-# Store rule. An output (y or dx) that does not fit in the last-level cache is written with
-# streaming stores (see _stream_stores.h): an ordinary store first reads the line it
-# writes (read-for-ownership), one memory pass more. The rule is shape-only: stream when the
-# output has at least `_stream_min_bytes` bytes (half the last-level cache, read once at
-# import; 16 MiB when the OS does not say), and never in place (`y is x`, `dx is dy`): the
+# Store rule. An output (y or dx) larger than the caches is written with streaming stores
+# (see _stream_stores.h): an ordinary store first reads the line it writes
+# (read-for-ownership), one memory pass more. The rule is shape-only: stream when the output
+# has at least `_stream_min_bytes` bytes (twice a core's L2 cache, read once at import; 4 MiB
+# when the OS does not say), its contiguous runs have at least _STREAM_MIN_RUN values (NCHW
+# rows; an NHWC stripe of rows is one run), and never in place (`y is x`, `dx is dy`): the
 # lines were just read, so ordinary stores cost no extra pass there. Stores only move bits:
-# the results are the same either way. Only the NCHW kernels stream: for NHWC (rows across
-# the channels, per-channel constants loaded with every vector) streaming stores measured
-# 0-6% slower than ordinary ones on the project machine, so NHWC keeps ordinary stores.
+# the results are the same either way.
+#
+# Why the L2 and not the last-level cache: on the project machine (2 cores of a VM, 105 MB
+# of L3 shared with the host) the L3 held about 16-32 MB for us, and streaming measured
+# faster from 12 MB of output on: (32, 64, 56, 56) float32 inference 3.6 -> 3.0 ms NCHW,
+# (4096, 1024) 2.1 -> 1.4 ms, (64, 256, 56, 56) NHWC 25 -> 19 ms; equal at 1.6 MB. Rows
+# shorter than the minimum run (7x7 images) stream mostly through their scalar head and
+# tail: (512, 512, 7, 7) inference took 7.0 ms streamed against 5.4 ms, hence the run rule.
+# The NHWC kernels walk a stripe of whole rows as one flat run: a row of a numpy array
+# starts mid-line, and a body started mid-line leaves half-written lines.
+# A consumer that reads the output at once finds it in memory, not in cache: set the
+# threshold with `stream_min_bytes` where that matters more.
 # ---------------------------------------------------------------------------------------
-cdef Py_ssize_t _stream_min_bytes = fastbn_llc_bytes() // 2
+cdef enum:
+    _STREAM_MIN_RUN = 4 * FBN_SBLOCK
+
+cdef Py_ssize_t _stream_min_bytes = 2 * fastbn_l2_bytes()
 if _stream_min_bytes <= 0:
-    _stream_min_bytes = 16 * 1024 * 1024
+    _stream_min_bytes = 4 * 1024 * 1024
 
 
 def stream_min_bytes(n=None):
@@ -133,8 +152,8 @@ def stream_min_bytes(n=None):
     Parameters
     ----------
     n : int, optional
-        New threshold in bytes (``0`` streams every NCHW output that is not written in
-        place).
+        New threshold in bytes (``0`` streams every output that is not written in place
+        and whose runs are long enough).
         Meant for tests and benchmarks; the results never depend on it.
 
     Returns
@@ -153,9 +172,11 @@ def stream_min_bytes(n=None):
 
 
 cdef inline bint _use_stream(const void* out, const void* a, const void* b,
-                             idx_t nbytes) noexcept nogil:
-    """Whether an output of ``nbytes`` at ``out`` (inputs ``a``, ``b``) is streamed."""
-    return (FASTBN_STREAM_STORES and nbytes >= _stream_min_bytes and out != a and out != b)
+                             idx_t nbytes, idx_t run) noexcept nogil:
+    """Whether an output of ``nbytes`` at ``out`` (inputs ``a``, ``b``), written in
+    contiguous runs of ``run`` values, is streamed."""
+    return (FASTBN_STREAM_STORES and nbytes >= _stream_min_bytes and run >= _STREAM_MIN_RUN
+            and out != a and out != b)
 
 
 # ---------------------------------------------------------------------------------------
@@ -848,7 +869,7 @@ def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
     cdef double* pn
     cdef double* pm
     cdef double* pm2
-    cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating))
+    cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating), S)
     cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
     if g > 1:
         nt = _team(nthreads, _ceil_div(C, g), M * C)
@@ -930,7 +951,7 @@ def nchw_normalize(const floating[:, :, ::1] x, const double[::1] mean,
     cdef const double* mp = &mean[0]
     cdef const double* sp = &scale[0]
     cdef const double* bp = &bias[0]
-    cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating))
+    cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating), S)
     with nogil:
         for blk in prange(nblk, schedule="static", num_threads=nt):
             e = (blk + 1) * rb
@@ -1036,7 +1057,7 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
     cdef double* qp = &sum_dy_xmu[0]
     cdef double* ps
     cdef double inv
-    cdef bint st = _use_stream(dp, gp, xp, M * C * sizeof(floating))
+    cdef bint st = _use_stream(dp, gp, xp, M * C * sizeof(floating), S)
     cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
     if g > 1:
         nt = _team(nthreads, _ceil_div(C, g), M * C)
@@ -1167,8 +1188,21 @@ cdef void _nhwc_merge(idx_t C, idx_t R, idx_t sr, idx_t ns, const double* pm,
 
 
 cdef void _nhwc_apply(const floating* x, floating* y, idx_t C, idx_t r0, idx_t r1,
-                      const double* m, const double* sc, const double* b) noexcept nogil:
+                      const double* m, const double* sc, const double* b,
+                      bint stream) noexcept nogil:
+    """Rows ``[r0, r1)``; with ``stream``, one flat run with streaming stores.
+
+    ``m``, ``sc`` and ``b`` are wrapped tables (``_wrapped``); their first ``C`` values are
+    the per-channel constants the row loops use.
+    """
     cdef idx_t r
+    if stream:
+        if floating is float:
+            fastbn_apply_cols_nt_f32(x + r0 * C, y + r0 * C, (r1 - r0) * C, C, m, sc, b)
+        else:
+            fastbn_apply_cols_nt_f64(x + r0 * C, y + r0 * C, (r1 - r0) * C, C, m, sc, b)
+        fastbn_sfence()
+        return
     for r in range(r0, r1):
         if floating is float:
             fastbn_apply_cols_f32(x + r * C, y + r * C, C, m, sc, b)
@@ -1196,13 +1230,26 @@ cdef void _nhwc_bsums(const floating* dy, const floating* x, idx_t C, idx_t r0, 
 
 cdef void _nhwc_dx(const floating* dy, const floating* x, floating* dx, idx_t C,
                    idx_t r0, idx_t r1, const double* m, const double* k, const double* a,
-                   const double* q) noexcept nogil:
-    cdef idx_t r
+                   const double* q, bint stream) noexcept nogil:
+    """Rows ``[r0, r1)`` of ``dx``; constants as in ``_nhwc_apply`` (wrapped tables)."""
+    cdef idx_t r, o = r0 * C
+    if stream:
+        if floating is float:
+            fastbn_dx_cols_nt_f32(dy + o, x + o, dx + o, (r1 - r0) * C, C, m, k, a, q)
+        else:
+            fastbn_dx_cols_nt_f64(dy + o, x + o, dx + o, (r1 - r0) * C, C, m, k, a, q)
+        fastbn_sfence()
+        return
     for r in range(r0, r1):
         if floating is float:
             fastbn_dx_cols_f32(dy + r * C, x + r * C, dx + r * C, C, m, k, a, q)
         else:
             fastbn_dx_cols_f64(dy + r * C, x + r * C, dx + r * C, C, m, k, a, q)
+
+
+cdef double* _wrapped(idx_t C, int ntables) except NULL:
+    """Room for ``ntables`` wrapped tables of ``C + FBN_SBLOCK`` values (see _stream_stores.h)."""
+    return _alloc(ntables * (C + FBN_SBLOCK))
 
 
 cdef inline void _nhwc_sum_stripes(idx_t C, idx_t ns, const double* ps, double* sdy,
@@ -1309,20 +1356,25 @@ def nhwc_train_forward(const floating[:, ::1] x, const double[::1] weight,
     cdef idx_t sr = _nhwc_stripe_rows(R, C)
     cdef idx_t ns = _ceil_div(R, sr), k, e, c
     cdef int nt = _team(nthreads, ns, R * C)
+    cdef idx_t W = C + FBN_SBLOCK
+    cdef bint st = _use_stream(yp, xp, xp, R * C * sizeof(floating), sr * C)
     _nhwc_stats_into(xp, R, C, nthreads, mp, vp)
-    cdef double* sc = _alloc(C)
+    cdef double* t = _wrapped(C, 3)
     try:
         with nogil:
             for c in range(C):
                 ip[c] = 1.0 / sqrt(vp[c] + eps)
-                sc[c] = wp[c] * ip[c]
+                t[W + c] = wp[c] * ip[c]
+            fastbn_wrap(t, mp, C)
+            fastbn_wrap(t + W, t + W, C)
+            fastbn_wrap(t + 2 * W, bp, C)
             for k in prange(ns, schedule="static", num_threads=nt):
                 e = (k + 1) * sr
                 if e > R:
                     e = R
-                _nhwc_apply(xp, yp, C, k * sr, e, mp, sc, bp)
+                _nhwc_apply(xp, yp, C, k * sr, e, t, t + W, t + 2 * W, st)
     finally:
-        free(sc)
+        free(t)
 
 
 def nhwc_normalize(const floating[:, ::1] x, const double[::1] mean, const double[::1] scale,
@@ -1351,12 +1403,21 @@ def nhwc_normalize(const floating[:, ::1] x, const double[::1] mean, const doubl
     cdef int nt = _team(nthreads, ns, R * C)
     cdef const floating* xp = &x[0, 0]
     cdef floating* yp = &y[0, 0]
-    with nogil:
-        for k in prange(ns, schedule="static", num_threads=nt):
-            e = (k + 1) * sr
-            if e > R:
-                e = R
-            _nhwc_apply(xp, yp, C, k * sr, e, &mean[0], &scale[0], &bias[0])
+    cdef idx_t W = C + FBN_SBLOCK
+    cdef bint st = _use_stream(yp, xp, xp, R * C * sizeof(floating), sr * C)
+    cdef double* t = _wrapped(C, 3)
+    try:
+        with nogil:
+            fastbn_wrap(t, &mean[0], C)
+            fastbn_wrap(t + W, &scale[0], C)
+            fastbn_wrap(t + 2 * W, &bias[0], C)
+            for k in prange(ns, schedule="static", num_threads=nt):
+                e = (k + 1) * sr
+                if e > R:
+                    e = R
+                _nhwc_apply(xp, yp, C, k * sr, e, t, t + W, t + 2 * W, st)
+    finally:
+        free(t)
 
 
 cdef int _nhwc_bsums_into(const floating* gp, const floating* xp, idx_t R, idx_t C,
@@ -1445,19 +1506,24 @@ def nhwc_backward_train(const floating[:, ::1] dy, const floating[:, ::1] x,
     cdef idx_t ns = _ceil_div(R, sr), k, e, c
     cdef int nt = _team(nthreads, ns, R * C)
     cdef double inv
+    cdef idx_t W = C + FBN_SBLOCK
+    cdef bint st = _use_stream(dp, gp, xp, R * C * sizeof(floating), sr * C)
     _nhwc_bsums_into(gp, xp, R, C, mp, nthreads, sp, qp)
-    cdef double* coef = _alloc(3 * C)
+    cdef double* t = _wrapped(C, 4)
     try:
         with nogil:
             for c in range(C):
                 inv = invstd[c]
-                coef[c] = weight[c] * inv
-                coef[C + c] = sp[c] / <double>R
-                coef[2 * C + c] = inv * inv * qp[c] / <double>R
+                t[W + c] = weight[c] * inv
+                t[2 * W + c] = sp[c] / <double>R
+                t[3 * W + c] = inv * inv * qp[c] / <double>R
+            fastbn_wrap(t, mp, C)
+            for k in range(1, 4):
+                fastbn_wrap(t + k * W, t + k * W, C)
             for k in prange(ns, schedule="static", num_threads=nt):
                 e = (k + 1) * sr
                 if e > R:
                     e = R
-                _nhwc_dx(gp, xp, dp, C, k * sr, e, mp, coef, coef + C, coef + 2 * C)
+                _nhwc_dx(gp, xp, dp, C, k * sr, e, t, t + W, t + 2 * W, t + 3 * W, st)
     finally:
-        free(coef)
+        free(t)

@@ -74,7 +74,7 @@ cdef extern from *:
 cdef extern from "_stream_stores.h":
     bint FASTBN_STREAM_STORES
     void fastbn_sfence() noexcept nogil
-    long fastbn_llc_bytes() noexcept nogil
+    long fastbn_l2_bytes() noexcept nogil
     void fastbn_apply_nt_f32(const float* x, float* y, Py_ssize_t n, double m, double sc,
                              double b) noexcept nogil
     void fastbn_apply_nt_f64(const double* x, double* y, Py_ssize_t n, double m, double sc,
@@ -83,6 +83,21 @@ cdef extern from "_stream_stores.h":
                           double k, double a, double q) noexcept nogil
     void fastbn_dx_nt_f64(const double* g, const double* x, double* d, Py_ssize_t n,
                           double m, double k, double a, double q) noexcept nogil
+    # NHWC runs of whole rows; the constants are wrapped tables (fastbn_wrap).
+    enum: FBN_SBLOCK
+    void fastbn_wrap(double* t, const double* v, Py_ssize_t C) noexcept nogil
+    void fastbn_apply_cols_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C,
+                                  const double* m, const double* sc,
+                                  const double* b) noexcept nogil
+    void fastbn_apply_cols_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C,
+                                  const double* m, const double* sc,
+                                  const double* b) noexcept nogil
+    void fastbn_dx_cols_nt_f32(const float* g, const float* x, float* d, Py_ssize_t n,
+                               Py_ssize_t C, const double* m, const double* k,
+                               const double* a, const double* q) noexcept nogil
+    void fastbn_dx_cols_nt_f64(const double* g, const double* x, double* d, Py_ssize_t n,
+                               Py_ssize_t C, const double* m, const double* k,
+                               const double* a, const double* q) noexcept nogil
 
 
 # Sums over a contiguous run into 16 float64 lanes, SIMD registers for the lanes (see

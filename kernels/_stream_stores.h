@@ -3,10 +3,10 @@
  * An ordinary store to a line that is not in cache first reads that line from memory
  * (read-for-ownership), so writing an output as large as the input costs one memory pass
  * more than needed. A streaming store writes whole lines straight to memory. The functions
- * below are the elementwise loops of the NCHW kernels (_apply and _dx) with the body
- * written with SIMD intrinsics and streaming stores: ordinary stores up to the first
- * vector-aligned output address, aligned streaming stores for the body, ordinary stores
- * for the tail.
+ * below are the elementwise loops of the kernels (apply and dx: NCHW rows, and NHWC runs of
+ * whole rows) with the body written with SIMD intrinsics and streaming stores: ordinary
+ * stores up to the first cache-line-aligned output address, aligned streaming stores for
+ * the body, ordinary stores for the tail.
  *
  * Same bits as the plain loops: every value is computed with the same IEEE operations in the
  * same order (float32 widened exactly to float64, sub/mul/add in float64, one rounding to
@@ -56,47 +56,50 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
 /* The body is computed block by block into a local buffer (FBN_SBLOCK doubles, plain C
  * expressions), then streamed: loads of x never follow the stores of the same block (see
  * _elementwise.h: interleaved, they stalled 3.5x when the output sits 16-63 bytes after the
- * input modulo 1 MiB). */
+ * input modulo 1 MiB). OUT is the output, EXPR the value at index j; STEP runs after each
+ * block (the NHWC loops advance their channel). */
 #define FBN_SBLOCK 64
-#define FBN_STREAM_BODY_F32(EXPR)                                                \
-    for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                               \
-        double t_[FBN_SBLOCK];                                                   \
-        for (int l = 0; l < FBN_SBLOCK; l++) {                                   \
-            ptrdiff_t j = i + l;                                                 \
-            t_[l] = (EXPR);                                                      \
-        }                                                                        \
-        for (int l = 0; l < FBN_SBLOCK; l += 2 * FBN_W)                          \
-            fbn_streamf(y_ + i + l, fbn_loadd(t_ + l), fbn_loadd(t_ + l + FBN_W)); \
+#if FASTBN_STREAM_STORES
+#define FBN_STREAM_BODY_F32(OUT, EXPR, STEP)                                                 \
+    for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                                           \
+        double t_[FBN_SBLOCK];                                                               \
+        for (int l = 0; l < FBN_SBLOCK; l++) {                                               \
+            ptrdiff_t j = i + l;                                                             \
+            t_[l] = (EXPR);                                                                  \
+        }                                                                                    \
+        for (int l = 0; l < FBN_SBLOCK; l += 2 * FBN_W)                                      \
+            fbn_streamf((OUT) + i + l, fbn_loadd(t_ + l), fbn_loadd(t_ + l + FBN_W));        \
+        STEP;                                                                                \
     }
-#define FBN_STREAM_BODY_F64(EXPR)                                                \
-    for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                               \
-        double t_[FBN_SBLOCK];                                                   \
-        for (int l = 0; l < FBN_SBLOCK; l++) {                                   \
-            ptrdiff_t j = i + l;                                                 \
-            t_[l] = (EXPR);                                                      \
-        }                                                                        \
-        for (int l = 0; l < FBN_SBLOCK; l += FBN_W) fbn_streamd(y_ + i + l, fbn_loadd(t_ + l)); \
+#define FBN_STREAM_BODY_F64(OUT, EXPR, STEP)                                                 \
+    for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                                           \
+        double t_[FBN_SBLOCK];                                                               \
+        for (int l = 0; l < FBN_SBLOCK; l++) {                                               \
+            ptrdiff_t j = i + l;                                                             \
+            t_[l] = (EXPR);                                                                  \
+        }                                                                                    \
+        for (int l = 0; l < FBN_SBLOCK; l += FBN_W)                                          \
+            fbn_streamd((OUT) + i + l, fbn_loadd(t_ + l));                                   \
+        STEP;                                                                                \
     }
+#else
+#define FBN_STREAM_BODY_F32(OUT, EXPR, STEP)
+#define FBN_STREAM_BODY_F64(OUT, EXPR, STEP)
+#endif
 
 /* y = (x - m) * sc + b, scalar constants (NCHW rows). */
 static void fastbn_apply_nt_f32(const float* x, float* y, ptrdiff_t n, double m, double sc,
                                 double b) {
     ptrdiff_t i = 0, h = FBN_HEAD(y, n, sizeof(float));
     for (; i < h; i++) y[i] = (float)((x[i] - m) * sc + b);
-#if FASTBN_STREAM_STORES
-    float* y_ = y;
-    FBN_STREAM_BODY_F32(((double)x[j] - m) * sc + b)
-#endif
+    FBN_STREAM_BODY_F32(y, ((double)x[j] - m) * sc + b, (void)0)
     for (; i < n; i++) y[i] = (float)((x[i] - m) * sc + b);
 }
 static void fastbn_apply_nt_f64(const double* x, double* y, ptrdiff_t n, double m, double sc,
                                 double b) {
     ptrdiff_t i = 0, h = FBN_HEAD(y, n, sizeof(double));
     for (; i < h; i++) y[i] = (x[i] - m) * sc + b;
-#if FASTBN_STREAM_STORES
-    double* y_ = y;
-    FBN_STREAM_BODY_F64((x[j] - m) * sc + b)
-#endif
+    FBN_STREAM_BODY_F64(y, (x[j] - m) * sc + b, (void)0)
     for (; i < n; i++) y[i] = (x[i] - m) * sc + b;
 }
 
@@ -105,29 +108,57 @@ static void fastbn_dx_nt_f32(const float* g, const float* x, float* d, ptrdiff_t
                              double k, double a, double q) {
     ptrdiff_t i = 0, h = FBN_HEAD(d, n, sizeof(float));
     for (; i < h; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
-#if FASTBN_STREAM_STORES
-    float* y_ = d;
-    FBN_STREAM_BODY_F32(k * (((double)g[j] - a) - ((double)x[j] - m) * q))
-#endif
+    FBN_STREAM_BODY_F32(d, k * (((double)g[j] - a) - ((double)x[j] - m) * q), (void)0)
     for (; i < n; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
 }
 static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdiff_t n,
                              double m, double k, double a, double q) {
     ptrdiff_t i = 0, h = FBN_HEAD(d, n, sizeof(double));
     for (; i < h; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
-#if FASTBN_STREAM_STORES
-    double* y_ = d;
-    FBN_STREAM_BODY_F64(k * ((g[j] - a) - (x[j] - m) * q))
-#endif
+    FBN_STREAM_BODY_F64(d, k * ((g[j] - a) - (x[j] - m) * q), (void)0)
     for (; i < n; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
 }
 
-/* Size of the last-level cache in bytes (0 when the OS does not say). */
-static long fastbn_llc_bytes(void) {
+/* NHWC: a run of n values of whole rows of C channels, value i in channel i % C, walked as
+ * one flat array so that the body is on whole lines whatever C (row by row, every row of a
+ * numpy array would start mid-line). The per-channel constants are wrapped tables of
+ * C + FBN_SBLOCK values, t[j] = t[j % C] (fastbn_wrap), so the block that starts at channel
+ * c reads its constants at t + c. Same expressions as the _cols loops of _elementwise.h. */
+static inline void fastbn_wrap(double* t, const double* v, ptrdiff_t C) {
+    for (ptrdiff_t j = 0; j < C + FBN_SBLOCK; j++) t[j] = v[j % C];
+}
+#define FBN_NEXT(c, k, C) ((c) = ((c) + (k)) % (C))
+#define FBN_DEFINE_COLS_NT(SUFFIX, T, BODY)                                                  \
+    /* y = (x - m[c]) * sc[c] + b[c] */                                                      \
+    static void fastbn_apply_cols_nt_##SUFFIX(const T* x, T* y, ptrdiff_t n, ptrdiff_t C,    \
+                                              const double* m, const double* sc,             \
+                                              const double* b) {                             \
+        ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(T));                               \
+        for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (T)(((double)x[i] - m[c]) * sc[c] + b[c]); \
+        BODY(y, ((double)x[j] - m[c + l]) * sc[c + l] + b[c + l], FBN_NEXT(c, FBN_SBLOCK, C)) \
+        for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (T)(((double)x[i] - m[c]) * sc[c] + b[c]); \
+    }                                                                                        \
+    /* dx = k[c] * ((dy - a[c]) - (x - m[c]) * q[c]) */                                      \
+    static void fastbn_dx_cols_nt_##SUFFIX(const T* g, const T* x, T* d, ptrdiff_t n,        \
+                                           ptrdiff_t C, const double* m, const double* k,    \
+                                           const double* a, const double* q) {               \
+        ptrdiff_t i = 0, c = 0, h = FBN_HEAD(d, n, sizeof(T));                               \
+        for (; i < h; i++, FBN_NEXT(c, 1, C))                                                \
+            d[i] = (T)(k[c] * (((double)g[i] - a[c]) - ((double)x[i] - m[c]) * q[c]));       \
+        BODY(d, k[c + l] * (((double)g[j] - a[c + l]) - ((double)x[j] - m[c + l]) * q[c + l]), \
+             FBN_NEXT(c, FBN_SBLOCK, C))                                                     \
+        for (; i < n; i++, FBN_NEXT(c, 1, C))                                                \
+            d[i] = (T)(k[c] * (((double)g[i] - a[c]) - ((double)x[i] - m[c]) * q[c]));       \
+    }
+
+FBN_DEFINE_COLS_NT(f32, float, FBN_STREAM_BODY_F32)
+FBN_DEFINE_COLS_NT(f64, double, FBN_STREAM_BODY_F64)
+
+/* Size of one core's L2 cache in bytes (0 when the OS does not say). */
+static long fastbn_l2_bytes(void) {
     long v = 0;
-#if defined(_SC_LEVEL3_CACHE_SIZE)
-    v = sysconf(_SC_LEVEL3_CACHE_SIZE);
-    if (v <= 0) v = sysconf(_SC_LEVEL2_CACHE_SIZE);
+#if defined(_SC_LEVEL2_CACHE_SIZE)
+    v = sysconf(_SC_LEVEL2_CACHE_SIZE);
 #endif
     return v > 0 ? v : 0;
 }

@@ -451,7 +451,15 @@ def _unaligned_like(x: np.ndarray, shift: int) -> np.ndarray:
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
 @pytest.mark.parametrize(
     "case",
-    [("nchw", (3, 5, 37)), ("nchw", (2, 3, 4099)), ("nchw", (3, 2, 50001))],
+    [
+        ("nchw", (3, 5, 37)),
+        ("nchw", (2, 3, 4099)),
+        ("nchw", (3, 2, 50001)),
+        ("nhwc", (301, 5)),
+        ("nhwc", (97, 67)),
+        ("nhwc", (40, 256)),
+        ("nhwc", (5, 1000)),
+    ],
     ids=_case_id,
 )
 @pytest.mark.parametrize("kernel", ["train_forward", "normalize", "backward_train"])
