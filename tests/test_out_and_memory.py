@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import numpy as np
 import pytest
 
 import fastbn
 from fastbn import reference as ref
+from fastbn.backends import cython_cpu, numba_cpu
 
 from .conftest import (
     PATH_SHAPES,
@@ -104,6 +108,54 @@ def test_out_same_bits_as_fresh(backend, dtype, layout, shape):
             assert_in_place_close(f"dx (out={target})", o, fresh, case)
             assert_same_bits(f"dweight (out={target})", dw, fdw, case)
             assert_same_bits(f"dbias (out={target})", db, fdb, case)
+
+
+@contextmanager
+def stream_threshold(backend: str, nbytes: int) -> Iterator[None]:
+    """Set the backend's streaming-store threshold (bytes) for the duration."""
+    module = numba_cpu if backend == "numba" else cython_cpu._extension()
+    old = module.stream_min_bytes(nbytes)
+    try:
+        yield
+    finally:
+        module.stream_min_bytes(old)
+
+
+def line_offset_like(x: np.ndarray, shift: int) -> np.ndarray:
+    """An empty array like `x` starting `shift` elements after a cache-line boundary."""
+    buf = np.empty(x.size + 64, x.dtype)
+    start = (-buf.ctypes.data // x.itemsize) % (64 // x.itemsize) + shift
+    return buf[start : start + x.size].reshape(x.shape)
+
+
+@pytest.mark.parametrize("shape", [(4, 67, 20, 20), (3, 5, 17, 17)], ids=shape_id)
+def test_streaming_stores_same_bits(backend, dtype, layout, shape):
+    """Outputs written with streaming stores (threshold 0) have the bits of ordinary stores,
+    whatever the output's offset from a cache line (heads, blocks, tails; NHWC blocks
+    crossing rows)."""
+    x = make_data(shape, dtype, layout)
+    dy = make_data(shape, dtype, layout, seed=1, loc=0.2)
+    c = shape[1]
+    w = make_vector(c, 1)
+    _, mean, invstd = fastbn.batch_norm_train(x, layout=layout, backend=backend)
+    ops = forward_ops(backend, layout, c)
+    ops.append(
+        (
+            "backward",
+            lambda x_, out: fastbn.batch_norm_backward(
+                dy, x_, mean, invstd, w, layout=layout, out=out, backend=backend
+            )[0],
+        )
+    )
+    for name, op in ops:
+        case = Case(backend, dtype, x.shape, layout, name)
+        with stream_threshold(backend, 1 << 62):
+            want = op(x, None)
+        with stream_threshold(backend, 0):
+            for shift in (0, 1, 3, 5, 9):
+                out = line_offset_like(x, shift)
+                op(x, out)
+                assert_same_bits(f"streamed, {shift} values after a line", out, want, case)
 
 
 def bad_outs(x: np.ndarray):

@@ -11,6 +11,7 @@ import math
 import numpy as np
 from numba import njit, prange
 
+from ._numba_stream import BLOCK, LINE, at, fence, stream_apply, stream_dx
 from .numba_cpu import (
     _FASTMATH,
     CHUNK,
@@ -55,8 +56,13 @@ def row_deviations(xr, m):
 
 
 @serial
-def block_normalize(xb, mean, scale, bias, yb):
+def block_normalize(xb, mean, scale, bias, yb, stream):
     """Rows of a (channels, S) block: yb[j] = (xb[j] - mean[j]) * scale[j] + bias[j]."""
+    if stream:
+        for j in range(xb.shape[0]):
+            stream_normalize(xb[j], yb[j], mean[j], scale[j], bias[j], 1)
+        fence()
+        return
     for j in range(xb.shape[0]):
         m = mean[j]
         sc = scale[j]
@@ -78,8 +84,13 @@ def row_grad_sums(dr, xr, mu):
 
 
 @serial
-def block_dx(db, xb, mean, k, shift, proj, outb):
+def block_dx(db, xb, mean, k, shift, proj, outb, stream):
     """Rows of a (channels, S) block: k*(dy - shift - (x - mean)*proj), per channel j."""
+    if stream:
+        for j in range(xb.shape[0]):
+            stream_grad(db[j], xb[j], outb[j], mean[j], k[j], shift[j], proj[j], 1)
+        fence()
+        return
     for j in range(xb.shape[0]):
         m = mean[j]
         kj = k[j]
@@ -129,6 +140,62 @@ def cols_dx(db, xb, mean, k, shift, proj, outb):
     for r in range(xb.shape[0]):
         for j in range(xb.shape[1]):
             outb[r, j] = k[j] * (db[r, j] - shift[j] - (xb[r, j] - mean[j]) * proj[j])
+
+
+# ------------------------------------------------------------ streamed outputs
+# Large outputs are written with streaming stores (no read-for-ownership of the output's
+# lines; see _numba_stream and the Cython kernels' store rule): ordinary stores up to the
+# first cache line of the output, then blocks of BLOCK values, then ordinary stores. A run
+# is one row of one channel (scalar constants, n_ch = 1) or whole rows of n_ch channels
+# (NHWC; the constants are wrapped tables, t[j] = t[j % n_ch]). The expressions are those
+# of the plain loops, hence the same bits.
+
+
+@inline
+def line_head(out, n):
+    """Values of out before its first cache-line-aligned one (n if there is none)."""
+    addr = out.ctypes.data
+    if addr % out.itemsize:
+        return n
+    return min(n, (LINE - addr % LINE) % LINE // out.itemsize)
+
+
+@serial
+def stream_normalize(xf, yf, m, sc, b, n_ch):
+    """yf = (xf - m) * sc + b over one run, streamed."""
+    n = xf.shape[0]
+    h = line_head(yf, n)
+    c = 0
+    for i in range(h):
+        yf[i] = (xf[i] - at(m, c)) * at(sc, c) + at(b, c)
+        c = c + 1 if c + 1 < n_ch else 0
+    i = h
+    while i + BLOCK <= n:
+        stream_apply(xf, yf, i, m, sc, b, c)
+        i += BLOCK
+        c = (c + BLOCK) % n_ch
+    for j in range(i, n):
+        yf[j] = (xf[j] - at(m, c)) * at(sc, c) + at(b, c)
+        c = c + 1 if c + 1 < n_ch else 0
+
+
+@serial
+def stream_grad(gf, xf, df, m, k, a, q, n_ch):
+    """df = k * (gf - a - (xf - m) * q) over one run, streamed."""
+    n = xf.shape[0]
+    h = line_head(df, n)
+    c = 0
+    for i in range(h):
+        df[i] = at(k, c) * (gf[i] - at(a, c) - (xf[i] - at(m, c)) * at(q, c))
+        c = c + 1 if c + 1 < n_ch else 0
+    i = h
+    while i + BLOCK <= n:
+        stream_dx(gf, xf, df, i, m, k, a, q, c)
+        i += BLOCK
+        c = (c + BLOCK) % n_ch
+    for j in range(i, n):
+        df[j] = at(k, c) * (gf[j] - at(a, c) - (xf[j] - at(m, c)) * at(q, c))
+        c = c + 1 if c + 1 < n_ch else 0
 
 
 # ------------------------------------------------------------ grid and merging
@@ -296,7 +363,7 @@ def merge_parts(part, mean, var):
 
 
 @parallel
-def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd):
+def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stream):
     n_rows, n_ch, s = x.shape
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
     g = nchw_group(n_rows, n_ch, s)
@@ -312,18 +379,18 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd):
             invstd[c] = inv
             t[j] = weight[c] * inv
         for n in range(n_rows):
-            block_normalize(x[n, c0:c1], m[:gl], t[:gl], bias[c0:c1], y[n, c0:c1])
+            block_normalize(x[n, c0:c1], m[:gl], t[:gl], bias[c0:c1], y[n, c0:c1], stream)
 
 
 @parallel
-def nchw_normalize(x, mean, scale, bias, y):
+def nchw_normalize(x, mean, scale, bias, y, stream):
     """y = (x - mean) * scale + bias, one (sample, channel group) block per work unit."""
     n_rows, n_ch, s = x.shape
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
     for u in prange(n_rows * ng):
         n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
-        block_normalize(x[n, c0:c1], mean[c0:c1], scale[c0:c1], bias[c0:c1], y[n, c0:c1])
+        block_normalize(x[n, c0:c1], mean[c0:c1], scale[c0:c1], bias[c0:c1], y[n, c0:c1], stream)
 
 
 @parallel
@@ -353,7 +420,7 @@ def nchw_backward_reduce_stripes(dy, x, mean, stripes, part):
 
 
 @parallel
-def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu):
+def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, stream):
     n_rows, n_ch, s = x.shape
     count = float(n_rows * s)
     g = nchw_group(n_rows, n_ch, s)
@@ -373,12 +440,19 @@ def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy
             proj[j] = inv * inv * b[j] / count
         for n in range(n_rows):
             block_dx(
-                dy[n, c0:c1], x[n, c0:c1], mean[c0:c1], k[:gl], shift[:gl], proj[:gl], dx[n, c0:c1]
+                dy[n, c0:c1],
+                x[n, c0:c1],
+                mean[c0:c1],
+                k[:gl],
+                shift[:gl],
+                proj[:gl],
+                dx[n, c0:c1],
+                stream,
             )
 
 
 @parallel
-def nchw_dx(dy, x, mean, k, shift, proj, dx):
+def nchw_dx(dy, x, mean, k, shift, proj, dx, stream):
     """dx = k*(dy - shift - (x - mean)*proj) per channel, one block per work unit."""
     n_rows, n_ch, s = x.shape
     g = nchw_group(n_rows, n_ch, s)
@@ -393,6 +467,7 @@ def nchw_dx(dy, x, mean, k, shift, proj, dx):
             shift[c0:c1],
             proj[c0:c1],
             dx[n, c0:c1],
+            stream,
         )
 
 
@@ -460,13 +535,22 @@ def nhwc_merge(counts, means, m2s, mean, var):
 
 
 @parallel
-def nhwc_normalize(x, mean, scale, bias, y):
+def nhwc_normalize(x, mean, scale, bias, y, stream):
+    """y = (x - mean) * scale + bias; with stream, wrapped tables (see stream_normalize)."""
     n_rows, n_ch = x.shape
     rows = max(1, CHUNK // n_ch)
+    xf = x.reshape(-1)
+    yf = y.reshape(-1)
     for k in prange((n_rows + rows - 1) // rows):
         r0 = k * rows
         r1 = min(n_rows, r0 + rows)
-        cols_normalize(x[r0:r1], mean, scale, bias, y[r0:r1])
+        if stream:
+            stream_normalize(
+                xf[r0 * n_ch : r1 * n_ch], yf[r0 * n_ch : r1 * n_ch], mean, scale, bias, n_ch
+            )
+            fence()
+        else:
+            cols_normalize(x[r0:r1], mean, scale, bias, y[r0:r1])
 
 
 @parallel
@@ -492,10 +576,20 @@ def add_rows(parts, out):
 
 
 @parallel
-def nhwc_dx(dy, x, mean, k, shift, proj, dx):
+def nhwc_dx(dy, x, mean, k, shift, proj, dx, stream):
+    """dx per channel; with stream, wrapped tables (see stream_grad)."""
     n_rows, n_ch = x.shape
     rows = max(1, CHUNK // n_ch)
+    gf = dy.reshape(-1)
+    xf = x.reshape(-1)
+    df = dx.reshape(-1)
     for u in prange((n_rows + rows - 1) // rows):
         r0 = u * rows
         r1 = min(n_rows, r0 + rows)
-        cols_dx(dy[r0:r1], x[r0:r1], mean, k, shift, proj, dx[r0:r1])
+        if stream:
+            a = r0 * n_ch
+            e = r1 * n_ch
+            stream_grad(gf[a:e], xf[a:e], df[a:e], mean, k, shift, proj, n_ch)
+            fence()
+        else:
+            cols_dx(dy[r0:r1], x[r0:r1], mean, k, shift, proj, dx[r0:r1])

@@ -17,10 +17,11 @@ Determinism comes from a chunk grid that depends on the shape only:
 - nhwc: rows are cut into chunks of about ``CHUNK`` values (whole rows), the chunks into at
   most ``MAX_STRIPES`` fixed stripes, each reduced into a (C,) partial, merged in order.
 
-A chunk's ``(count, mean, M2)`` comes from two passes over the cached chunk (mean, then
-squared deviations with the ``(sum d)^2/n`` correction), in float64; partials are merged with
-Chan's formula. The number of threads only changes who computes which stripe, never what is
-computed, so results are bitwise identical for every thread count.
+A chunk's ``(count, mean, M2)`` comes from the deviations from a shift, in float64: the
+chunk's own mean for a stripe's first chunk (one more pass over the cached chunk), then the
+running mean of the chunks before it; partials are merged with Chan's formula. The number
+of threads only changes who computes which stripe, never what is computed, so results are
+bitwise identical for every thread count.
 """
 
 from __future__ import annotations
@@ -49,6 +50,13 @@ MIN_CHANNELS_PER_CHANNEL_PATH = 16
 GROUP_VALUES = 1024
 GROUP_MAX = 64
 GROUP_CACHE = 131072
+
+#: Outputs of at least ``stream_min_bytes()`` bytes, written in contiguous runs of at least
+#: STREAM_MIN_RUN values and not in place, are written with streaming stores (the store
+#: rule of the Cython kernels; see ``_numba_stream``). Speed only: the bits are the same.
+STREAM_MIN_RUN = 256
+#: Values per streamed block (4 cache lines of float32).
+STREAM_BLOCK = 64
 
 # Reassociation lets LLVM vectorize the float64 accumulations of the row-reduction
 # primitives (only those are compiled with it, see _numba_kernels); it is decided at compile
@@ -99,6 +107,63 @@ def describe() -> dict[str, object]:
         "threading layer": layer or f"not chosen yet (configured: {numba.config.THREADING_LAYER})",
         "disk cache": _cache_enabled(),
     }
+
+
+def _l2_bytes() -> int:
+    """One core's L2 cache in bytes, from sysfs (0 when the OS does not say)."""
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        for index in sorted(os.listdir(base)):
+            with open(f"{base}/{index}/level") as f:
+                if f.read().strip() != "2":
+                    continue
+            with open(f"{base}/{index}/size") as f:
+                size = f.read().strip().upper()
+            scale = {"K": 1 << 10, "M": 1 << 20}.get(size[-1:], 1)
+            return int(size.rstrip("KM")) * scale
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+_stream_min_bytes = 2 * _l2_bytes() or 4 << 20
+
+
+def stream_min_bytes(n: int | None = None) -> int:
+    """Return (and optionally set) the output size from which streaming stores are used.
+
+    Parameters
+    ----------
+    n : int, optional
+        New threshold in bytes (``0`` streams every output whose runs are long enough and
+        that is not written in place). Meant for tests and benchmarks.
+
+    Returns
+    -------
+    int
+        The threshold before the call (twice a core's L2 cache by default).
+    """
+    global _stream_min_bytes
+    old = _stream_min_bytes
+    if n is not None:
+        if n < 0:
+            raise ValueError(f"n must be >= 0, got {n}")
+        _stream_min_bytes = int(n)
+    return old
+
+
+def _stream(out: np.ndarray, inputs: tuple[np.ndarray, ...], run: int) -> bool:
+    """Whether `out`, written in contiguous runs of `run` values, gets streaming stores."""
+    if out.nbytes < _stream_min_bytes or run < STREAM_MIN_RUN:
+        return False
+    at = out.__array_interface__["data"][0]
+    return all(a.__array_interface__["data"][0] != at for a in inputs)
+
+
+def _wrapped(v: np.ndarray) -> np.ndarray:
+    """The table v[j % C] for j < C + STREAM_BLOCK (a streamed block reads its constants
+    from its first channel on)."""
+    return np.resize(v, v.shape[0] + STREAM_BLOCK)
 
 
 def _cache_enabled() -> bool:
@@ -160,18 +225,46 @@ def _per_channel_path(x: np.ndarray) -> bool:
     return x.shape[1] >= MIN_CHANNELS_PER_CHANNEL_PATH or x.shape[0] * x.shape[2] <= CHUNK
 
 
-def _normalize_with(kernel, x, weight, bias, eps, y, mean, var, invstd, nthreads):
+def _run_normalize(x, mean, scale, bias, y, nthreads):
+    """y = (x - mean) * scale + bias, streamed when the store rule says so."""
+    k = _compiled()
+    if x.ndim == 3:
+        _run(k["nchw_normalize"], nthreads, x, mean, scale, bias, y, _stream(y, (x,), x.shape[2]))
+        return
+    rows = _nhwc_rows(x.shape[1])
+    if _stream(y, (x,), rows * x.shape[1]):
+        mean, scale, bias = _wrapped(mean), _wrapped(scale), _wrapped(bias)
+        _run(k["nhwc_normalize"], nthreads, x, mean, scale, bias, y, True)
+    else:
+        _run(k["nhwc_normalize"], nthreads, x, mean, scale, bias, y, False)
+
+
+def _run_dx(dy, x, mean, k, shift, proj, dx, nthreads):
+    """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed by the store rule."""
+    kern = _compiled()
+    if x.ndim == 3:
+        stream = _stream(dx, (dy, x), x.shape[2])
+        _run(kern["nchw_dx"], nthreads, dy, x, mean, k, shift, proj, dx, stream)
+        return
+    if _stream(dx, (dy, x), _nhwc_rows(x.shape[1]) * x.shape[1]):
+        mean, k, shift, proj = (_wrapped(v) for v in (mean, k, shift, proj))
+        _run(kern["nhwc_dx"], nthreads, dy, x, mean, k, shift, proj, dx, True)
+    else:
+        _run(kern["nhwc_dx"], nthreads, dy, x, mean, k, shift, proj, dx, False)
+
+
+def _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads):
     """Second half of an unfused training forward: invstd from var, then normalize."""
     np.divide(1.0, np.sqrt(var + eps), out=invstd)
-    _run(kernel, nthreads, x, mean, weight * invstd, bias, y)
+    _run_normalize(x, mean, weight * invstd, bias, y, nthreads)
 
 
-def _dx_with(kernel, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads):
+def _dx_with(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads):
     """Second half of an unfused backward: dx from the two per-channel sums."""
     count = x.size // x.shape[1]
     shift = sum_dy / count
     proj = invstd * invstd * sum_dy_xmu / count
-    _run(kernel, nthreads, dy, x, mean, weight * invstd, shift, proj, dx)
+    _run_dx(dy, x, mean, weight * invstd, shift, proj, dx, nthreads)
 
 
 # -------------------------------------------------------------------- nchw kernels
@@ -203,14 +296,11 @@ def _nchw_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
             mean,
             var,
             invstd,
+            _stream(y, (x,), x.shape[2]),
         )
         return
     _nchw_stats(x, mean, var, nthreads)
-    _normalize_with(k["nchw_normalize"], x, weight, bias, eps, y, mean, var, invstd, nthreads)
-
-
-def _nchw_normalize(x, mean, scale, bias, y, nthreads):
-    _run(_compiled()["nchw_normalize"], nthreads, x, mean, scale, bias, y)
+    _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads)
 
 
 def _nchw_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads):
@@ -239,10 +329,11 @@ def _nchw_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nt
             dx,
             sum_dy,
             sum_dy_xmu,
+            _stream(dx, (dy, x), x.shape[2]),
         )
         return
     _nchw_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads)
-    _dx_with(k["nchw_dx"], dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads)
+    _dx_with(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads)
 
 
 # -------------------------------------------------------------------- nhwc kernels
@@ -261,12 +352,7 @@ def _nhwc_stats(x, mean, var, nthreads):
 
 def _nhwc_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
     _nhwc_stats(x, mean, var, nthreads)
-    k = _compiled()["nhwc_normalize"]
-    _normalize_with(k, x, weight, bias, eps, y, mean, var, invstd, nthreads)
-
-
-def _nhwc_normalize(x, mean, scale, bias, y, nthreads):
-    _run(_compiled()["nhwc_normalize"], nthreads, x, mean, scale, bias, y)
+    _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads)
 
 
 def _nhwc_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads):
@@ -282,8 +368,7 @@ def _nhwc_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads):
 
 def _nhwc_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads):
     _nhwc_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads)
-    k = _compiled()["nhwc_dx"]
-    _dx_with(k, dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads)
+    _dx_with(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads)
 
 
 def _read_only(a: np.ndarray) -> np.ndarray:
@@ -323,14 +408,14 @@ _TABLE = {
         "nchw": {
             "stats": _nchw_stats,
             "train_forward": _nchw_train_forward,
-            "normalize": _nchw_normalize,
+            "normalize": _run_normalize,
             "backward_reduce": _nchw_backward_reduce,
             "backward_train": _nchw_backward_train,
         },
         "nhwc": {
             "stats": _nhwc_stats,
             "train_forward": _nhwc_train_forward,
-            "normalize": _nhwc_normalize,
+            "normalize": _run_normalize,
             "backward_reduce": _nhwc_backward_reduce,
             "backward_train": _nhwc_backward_train,
         },

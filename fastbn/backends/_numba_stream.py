@@ -1,0 +1,161 @@
+"""Streaming (non-temporal) stores for the ``"numba"`` backend's large outputs.
+
+numba has no streaming store, so the block of ``BLOCK`` values that the row loops of
+``_numba_kernels`` write is one LLVM intrinsic here: the inputs are loaded as one vector,
+widened to float64, combined with the same IEEE operations in the same order as the plain
+loops (no fast-math flags, hence no FMA), rounded once, and stored with ``!nontemporal``
+stores that LLVM splits into the CPU's vector width (``vmovntps``/``vmovntpd``). All loads
+of a block come before its stores, so the output's stores never stall the next loads
+(see ``kernels/_elementwise.h``). Same bits as the plain loops (tested).
+
+The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`` on, and
+``&y[i]`` on a cache line (the rows start with a head of ordinary stores), and it calls
+``fence`` after its last block. Per-channel constants are either scalars (broadcast) or
+float64 arrays read from ``c`` on (NHWC: wrapped tables, ``t[j] = t[j % C]``).
+
+numba's disk cache is keyed on ``_numba_kernels.py`` alone: after editing this module, touch
+that file (or set ``FASTBN_NUMBA_CACHE=0``) or the cached kernels keep the old code.
+"""
+
+import platform
+
+from llvmlite import ir
+from numba import types
+from numba.core import cgutils
+from numba.extending import intrinsic, overload
+
+from .numba_cpu import STREAM_BLOCK as BLOCK
+
+#: Bytes of the alignment the body starts on (a cache line).
+LINE = 64
+
+_X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
+_F64 = ir.DoubleType()
+_I32 = ir.IntType(32)
+
+
+def _check_arrays(*arrays) -> None:
+    for a in arrays:
+        if not isinstance(a, types.Array) or a.dtype not in (types.float32, types.float64):
+            raise TypeError(f"expected a float32 or float64 array, got {a}")
+
+
+def _block_pointer(context, builder, arrty, arr, index, elem: ir.Type) -> ir.Value:
+    """``&arr[index]`` as a pointer to a vector of BLOCK elements."""
+    data = context.make_array(arrty)(context, builder, arr).data
+    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(elem, BLOCK).as_pointer())
+
+
+def _load_f64(context, builder, arrty, arr, index) -> ir.Value:
+    """BLOCK values of arr from index, widened to float64 (exact for float32)."""
+    elem = context.get_data_type(arrty.dtype)
+    item = elem.get_abi_size(context.target_data)
+    v = builder.load(_block_pointer(context, builder, arrty, arr, index, elem), align=item)
+    return v if elem == _F64 else builder.fpext(v, ir.VectorType(_F64, BLOCK))
+
+
+def _constant(context, builder, ty, value, offset) -> ir.Value:
+    """A per-channel constant as a vector: a scalar broadcast, or BLOCK values of a table."""
+    if isinstance(ty, types.Array):
+        return _load_f64(context, builder, ty, value, offset)
+    if ty != types.float64:
+        value = context.cast(builder, value, ty, types.float64)
+    vec = ir.VectorType(_F64, BLOCK)
+    one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_I32, 0))
+    return builder.shuffle_vector(
+        one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(_I32, BLOCK), [0] * BLOCK)
+    )
+
+
+def _store_nt(context, builder, arrty, arr, index, value: ir.Value) -> None:
+    """Round value to the array's dtype and store it at arr[index:] with streaming stores."""
+    elem = context.get_data_type(arrty.dtype)
+    if elem != _F64:
+        value = builder.fptrunc(value, ir.VectorType(elem, BLOCK))
+    store = builder.store(
+        value, _block_pointer(context, builder, arrty, arr, index, elem), align=LINE
+    )
+    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+
+
+def _check_constants(*constants) -> None:
+    for c in constants:
+        if isinstance(c, types.Array):
+            if c.dtype != types.float64:
+                raise TypeError(f"a table of constants must be float64, got {c}")
+        elif not isinstance(c, types.Float):
+            raise TypeError(f"a constant must be a float or a float64 array, got {c}")
+
+
+@intrinsic
+def stream_apply(typingctx, x, y, i, m, sc, b, c):
+    """``y[i:i+BLOCK] = (x[i:i+BLOCK] - m) * sc + b`` (constants from ``c`` if tables)."""
+    _check_arrays(x, y)
+    _check_constants(m, sc, b)
+    sig = types.void(x, y, i, m, sc, b, c)
+
+    def codegen(context, builder, signature, args):
+        tx, ty, _, tm, ts, tb, _ = signature.args
+        ax, ay, idx, vm, vs, vb, off = args
+        v = _load_f64(context, builder, tx, ax, idx)
+        v = builder.fsub(v, _constant(context, builder, tm, vm, off))
+        v = builder.fmul(v, _constant(context, builder, ts, vs, off))
+        v = builder.fadd(v, _constant(context, builder, tb, vb, off))
+        _store_nt(context, builder, ty, ay, idx, v)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def stream_dx(typingctx, g, x, d, i, m, k, a, q, c):
+    """``d[i:i+BLOCK] = k * ((g - a) - (x - m) * q)`` over the block (constants as above)."""
+    _check_arrays(g, x, d)
+    _check_constants(m, k, a, q)
+    sig = types.void(g, x, d, i, m, k, a, q, c)
+
+    def codegen(context, builder, signature, args):
+        tg, tx, td, _, tm, tk, ta, tq, _ = signature.args
+        ag, ax, ad, idx, vm, vk, va, vq, off = args
+        gv = _load_f64(context, builder, tg, ag, idx)
+        xv = _load_f64(context, builder, tx, ax, idx)
+        left = builder.fsub(gv, _constant(context, builder, ta, va, off))
+        right = builder.fmul(
+            builder.fsub(xv, _constant(context, builder, tm, vm, off)),
+            _constant(context, builder, tq, vq, off),
+        )
+        v = builder.fmul(_constant(context, builder, tk, vk, off), builder.fsub(left, right))
+        _store_nt(context, builder, td, ad, idx, v)
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+@intrinsic
+def fence(typingctx):
+    """Order this thread's streaming stores before its later stores (``sfence`` on x86)."""
+    sig = types.void()
+
+    def codegen(context, builder, signature, args):
+        if _X86:
+            fn = cgutils.get_or_insert_function(
+                builder.module, ir.FunctionType(ir.VoidType(), []), "llvm.x86.sse.sfence"
+            )
+            builder.call(fn, [])
+        else:
+            builder.fence("seq_cst")
+        return context.get_dummy_value()
+
+    return sig, codegen
+
+
+def at(t, c):
+    """``t[c]`` for a table of constants, ``t`` itself for a scalar (jitted code only)."""
+    raise NotImplementedError("at() is only for jitted code")
+
+
+@overload(at, inline="always")
+def _at(t, c):
+    if isinstance(t, types.Array):
+        return lambda t, c: t[c]
+    return lambda t, c: t
