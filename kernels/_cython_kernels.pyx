@@ -51,6 +51,7 @@ from _openmp_helpers cimport (
     FASTBN_OPENMP_ENABLED,
     FASTBN_STREAM_STORES,
     fastbn_cpu_has_x86_64_v3,
+    fastbn_cpu_has_x86_64_v4,
     fastbn_l2_bytes,
     fastbn_omp_get_max_threads,
     fastbn_openmp_version,
@@ -236,6 +237,17 @@ def cpu_has_x86_64_v3():
         ``True`` when the x86-64-v3 build of the kernels can run here.
     """
     return bool(fastbn_cpu_has_x86_64_v3())
+
+
+def cpu_has_x86_64_v4():
+    """Return whether the running CPU (and OS) supports x86-64-v3 and AVX-512 F/BW/CD/DQ/VL.
+
+    Returns
+    -------
+    bool
+        ``True`` when the x86-64-v4 build of the kernels can run here.
+    """
+    return bool(fastbn_cpu_has_x86_64_v4())
 
 
 # ---------------------------------------------------------------------------------------

@@ -25,7 +25,7 @@ cdef extern from *:
     int fastbn_openmp_version() noexcept nogil
 
 
-# Runtime CPU check for the x86-64-v3 (AVX2 + FMA) build of the kernels.
+# Runtime CPU checks for the x86-64-v3 (AVX2 + FMA) and v4 (AVX-512) builds of the kernels.
 cdef extern from *:
     """
     #if (defined(__x86_64__) || defined(_M_X64)) && (defined(__GNUC__) || defined(__clang__))
@@ -35,8 +35,14 @@ cdef extern from *:
                 && __builtin_cpu_supports("fma") && __builtin_cpu_supports("bmi")
                 && __builtin_cpu_supports("bmi2") && __builtin_cpu_supports("popcnt");
         }
+        static int fastbn_cpu_has_x86_64_v4(void) {
+            return fastbn_cpu_has_x86_64_v3() && __builtin_cpu_supports("avx512f")
+                && __builtin_cpu_supports("avx512bw") && __builtin_cpu_supports("avx512cd")
+                && __builtin_cpu_supports("avx512dq") && __builtin_cpu_supports("avx512vl");
+        }
     #else
         static int fastbn_cpu_has_x86_64_v3(void) { return 0; }
+        static int fastbn_cpu_has_x86_64_v4(void) { return 0; }
     #endif
     #if defined(__AVX512F__)
         #define FASTBN_BUILD_SIMD "avx512f"
@@ -51,6 +57,7 @@ cdef extern from *:
     #endif
     """
     int fastbn_cpu_has_x86_64_v3() noexcept nogil
+    int fastbn_cpu_has_x86_64_v4() noexcept nogil
     const char* FASTBN_BUILD_SIMD
 
 

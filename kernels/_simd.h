@@ -1,13 +1,29 @@
 /* The SIMD vocabulary of fastbn's C loops (_lanes.h, _stream_stores.h).
  *
- * FBN_W float64 lanes per vector: 256-bit vectors in the x86-64-v3 (or AVX) build, 128-bit
- * in the baseline SSE2 one; FASTBN_SIMD is 0 on other targets, which use the plain loops.
+ * FBN_W float64 lanes per vector: 512-bit vectors in the x86-64-v4 (AVX-512) build, 256-bit
+ * in the x86-64-v3 (or AVX) one, 128-bit in the baseline SSE2 one; FASTBN_SIMD is 0 on other targets, which use the plain loops.
  * Only IEEE add/sub/mul and exact float32 widening: the builds give the same bits.
  */
 #ifndef FASTBN_SIMD_H
 #define FASTBN_SIMD_H
 
-#if defined(__AVX__)
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+    #include <immintrin.h>
+    #define FASTBN_SIMD 1
+    #define FBN_W 8
+    typedef __m512d fbn_vd;
+    #define fbn_set1(v) _mm512_set1_pd(v)
+    #define fbn_add(a, b) _mm512_add_pd(a, b)
+    #define fbn_sub(a, b) _mm512_sub_pd(a, b)
+    #define fbn_mul(a, b) _mm512_mul_pd(a, b)
+    #define fbn_loadd(p) _mm512_loadu_pd(p)
+    #define fbn_storeu(p, a) _mm512_storeu_pd((p), (a))
+    #define fbn_loadf(p) _mm512_cvtps_pd(_mm256_loadu_ps(p))
+    #define fbn_streamf(p, a, b) \
+        _mm512_stream_ps((p), _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a)), \
+                                                 _mm512_cvtpd_ps(b), 1))
+    #define fbn_streamd(p, a) _mm512_stream_pd((p), (a))
+#elif defined(__AVX__)
     #include <immintrin.h>
     #define FASTBN_SIMD 1
     #define FBN_W 4                        /* doubles per vector */

@@ -414,12 +414,16 @@ def test_concurrent_python_threads() -> None:
 
 
 def _builds() -> list[ModuleType]:
+    """The portable build, then every wider build (v3, v4) this CPU can run."""
     mods = [importlib.import_module("fastbn._cython_kernels")]
-    try:
-        v3 = importlib.import_module("fastbn._cython_kernels_v3")
-    except ImportError:
-        return mods
-    return [*mods, v3] if mods[0].cpu_has_x86_64_v3() else mods
+    for level in ("v3", "v4"):
+        if not getattr(mods[0], f"cpu_has_x86_64_{level}")():
+            break
+        try:
+            mods.append(importlib.import_module(f"fastbn._cython_kernels_{level}"))
+        except ImportError:
+            break
+    return mods
 
 
 @pytest.mark.skipif(len(_builds()) < 2, reason="no x86-64-v3 build or CPU without AVX2")
@@ -429,16 +433,19 @@ def _builds() -> list[ModuleType]:
 def test_simd_builds_give_the_same_bits(
     kernel: str, case: tuple[str, tuple[int, ...]], dtype: type
 ) -> None:
-    """The portable and the x86-64-v3 builds of the kernels agree bit for bit."""
-    base, v3 = _builds()
+    """The portable build and the x86-64-v3 and v4 builds agree bit for bit."""
+    base, *wider = _builds()
     layout, shape = case
     x = _data(shape, layout, dtype, seed=11)
     dy = _data(shape, layout, dtype, seed=12, offset=0.5, spread=1.0)
     a = run(kernel, layout, x, 2, dy=dy, module=base)
-    b = run(kernel, layout, x, 2, dy=dy, module=v3)
-    for name, value in a.items():
-        what = _what(kernel, layout, x, f"output={name} {base.build_simd()} vs avx2 build")
-        assert value.tobytes() == b[name].tobytes(), what
+    for module in wider:
+        b = run(kernel, layout, x, 2, dy=dy, module=module)
+        for name, value in a.items():
+            what = _what(
+                kernel, layout, x, f"output={name} {base.build_simd()} vs {module.build_simd()}"
+            )
+            assert value.tobytes() == b[name].tobytes(), what
 
 
 def _unaligned_like(x: np.ndarray, shift: int) -> np.ndarray:
@@ -595,17 +602,15 @@ def test_cython_path_imports_no_numba() -> None:
     assert proc.stdout.strip().endswith("ok")
 
 
-@pytest.mark.parametrize("choice", ["baseline", "auto"])
+@pytest.mark.parametrize("choice", ["baseline", "v3", "auto"])
 def test_simd_choice_from_environment(choice: str) -> None:
-    """FASTBN_CYTHON_SIMD=baseline forces the portable build; auto takes AVX2 if it can."""
+    """FASTBN_CYTHON_SIMD caps the build: baseline, v3, or the widest the CPU runs (auto)."""
     code = "from fastbn.backends import cython_cpu; print(cython_cpu.build_info()['module'])"
     env = {**os.environ, "FASTBN_CYTHON_SIMD": choice}
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=120
     )
     assert proc.returncode == 0, proc.stderr
-    module = proc.stdout.strip()
-    if choice == "baseline" or len(_builds()) < 2:
-        assert module == "fastbn._cython_kernels"
-    else:
-        assert module == "fastbn._cython_kernels_v3"
+    builds = _builds()
+    cap = {"baseline": 1, "v3": 2, "auto": len(builds)}[choice]
+    assert proc.stdout.strip() == builds[min(cap, len(builds)) - 1].__name__

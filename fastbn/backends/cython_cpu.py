@@ -2,9 +2,10 @@
 
 The kernels live in the extension module ``fastbn._cython_kernels`` (sources in
 ``kernels/``), built by meson with OpenMP when the compiler has it. On x86-64 the build also
-compiles the same source for x86-64-v3 (AVX2) as ``fastbn._cython_kernels_v3``; it is used
-when the CPU supports it (both give the same bits; the AVX2 one is faster). Set the
-environment variable ``FASTBN_CYTHON_SIMD`` to ``baseline`` (or ``v3``) to force a build.
+compiles the same source for x86-64-v3 (AVX2) and x86-64-v4 (AVX-512) as
+``fastbn._cython_kernels_v3`` and ``_v4``; the widest one the CPU supports is used (all give
+the same bits; only the speed differs). Set the environment variable ``FASTBN_CYTHON_SIMD``
+to ``baseline``, ``v3`` or ``v4`` to cap the choice.
 
 This module only fills the backend table of ``fastbn/backends/CONTRACT.md``:
 ``kernels(layout)`` returns the compiled functions themselves, so a call goes straight from
@@ -45,7 +46,8 @@ KERNEL_NAMES: tuple[str, ...] = (
 
 _LAYOUTS = ("nchw", "nhwc")
 _EXTENSION = "fastbn._cython_kernels"
-_EXTENSION_V3 = "fastbn._cython_kernels_v3"
+#: The x86-64 microarchitecture levels built besides the portable build, narrowest first.
+_LEVELS = ("v3", "v4")
 _SIMD_ENV = "FASTBN_CYTHON_SIMD"
 
 _module: ModuleType | None = None
@@ -54,7 +56,7 @@ _tables: dict[str, dict[str, Callable[..., None]]] = {}
 
 
 def _pick(base: ModuleType) -> ModuleType:
-    """Choose the x86-64-v3 build when the CPU has AVX2 (unless told otherwise).
+    """Choose the widest build the CPU supports (unless told otherwise).
 
     Parameters
     ----------
@@ -67,16 +69,21 @@ def _pick(base: ModuleType) -> ModuleType:
         The build to use.
     """
     want = os.environ.get(_SIMD_ENV, "auto").strip().lower() or "auto"
-    if want not in ("auto", "baseline", "v3"):
-        raise ValueError(f"{_SIMD_ENV} must be 'auto', 'baseline' or 'v3', got {want!r}")
-    if want == "baseline" or not base.cpu_has_x86_64_v3():
+    if want not in ("auto", "baseline", *_LEVELS):
+        raise ValueError(
+            f"{_SIMD_ENV} must be 'auto', 'baseline', 'v3' or 'v4', got {want!r}"
+        )
+    if want == "baseline":
         return base
-    try:
-        return importlib.import_module(_EXTENSION_V3)
-    except ImportError:
-        if want == "v3":
-            raise
-        return base
+    top = len(_LEVELS) if want == "auto" else _LEVELS.index(want) + 1
+    for level in reversed(_LEVELS[:top]):
+        if getattr(base, f"cpu_has_x86_64_{level}")():
+            try:
+                return importlib.import_module(f"{_EXTENSION}_{level}")
+            except ImportError:
+                if want == level:
+                    raise
+    return base
 
 
 def _extension() -> ModuleType | None:
@@ -85,7 +92,7 @@ def _extension() -> ModuleType | None:
     Returns
     -------
     module or None
-        ``fastbn._cython_kernels`` (or its x86-64-v3 twin), or ``None`` when it is not
+        ``fastbn._cython_kernels`` (or its x86-64-v3/v4 twin), or ``None`` when it is not
         importable.
     """
     global _module, _import_error
