@@ -70,9 +70,7 @@ def _pick(base: ModuleType) -> ModuleType:
     """
     want = os.environ.get(_SIMD_ENV, "auto").strip().lower() or "auto"
     if want not in ("auto", "baseline", *_LEVELS):
-        raise ValueError(
-            f"{_SIMD_ENV} must be 'auto', 'baseline', 'v3' or 'v4', got {want!r}"
-        )
+        raise ValueError(f"{_SIMD_ENV} must be 'auto', 'baseline', 'v3' or 'v4', got {want!r}")
     if want == "baseline":
         return base
     top = len(_LEVELS) if want == "auto" else _LEVELS.index(want) + 1
