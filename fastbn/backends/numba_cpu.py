@@ -225,32 +225,27 @@ def _per_channel_path(x: np.ndarray) -> bool:
     return x.shape[1] >= MIN_CHANNELS_PER_CHANNEL_PATH or x.shape[0] * x.shape[2] <= CHUNK
 
 
+def _streamed(out, inputs, x, tables):
+    """(stream, tables): the store rule for `out`, with the per-channel tables wrapped when an
+    NHWC output is streamed (a streamed run of whole rows reads them from any channel on)."""
+    if x.ndim == 3:
+        return _stream(out, inputs, x.shape[2]), tables
+    stream = _stream(out, inputs, _nhwc_rows(x.shape[1]) * x.shape[1])
+    return stream, tuple(_wrapped(t) for t in tables) if stream else tables
+
+
 def _run_normalize(x, mean, scale, bias, y, nthreads):
     """y = (x - mean) * scale + bias, streamed when the store rule says so."""
-    k = _compiled()
-    if x.ndim == 3:
-        _run(k["nchw_normalize"], nthreads, x, mean, scale, bias, y, _stream(y, (x,), x.shape[2]))
-        return
-    rows = _nhwc_rows(x.shape[1])
-    if _stream(y, (x,), rows * x.shape[1]):
-        mean, scale, bias = _wrapped(mean), _wrapped(scale), _wrapped(bias)
-        _run(k["nhwc_normalize"], nthreads, x, mean, scale, bias, y, True)
-    else:
-        _run(k["nhwc_normalize"], nthreads, x, mean, scale, bias, y, False)
+    kernel = _compiled()["nchw_normalize" if x.ndim == 3 else "nhwc_normalize"]
+    stream, tables = _streamed(y, (x,), x, (mean, scale, bias))
+    _run(kernel, nthreads, x, *tables, y, stream)
 
 
 def _run_dx(dy, x, mean, k, shift, proj, dx, nthreads):
     """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed by the store rule."""
-    kern = _compiled()
-    if x.ndim == 3:
-        stream = _stream(dx, (dy, x), x.shape[2])
-        _run(kern["nchw_dx"], nthreads, dy, x, mean, k, shift, proj, dx, stream)
-        return
-    if _stream(dx, (dy, x), _nhwc_rows(x.shape[1]) * x.shape[1]):
-        mean, k, shift, proj = (_wrapped(v) for v in (mean, k, shift, proj))
-        _run(kern["nhwc_dx"], nthreads, dy, x, mean, k, shift, proj, dx, True)
-    else:
-        _run(kern["nhwc_dx"], nthreads, dy, x, mean, k, shift, proj, dx, False)
+    kernel = _compiled()["nchw_dx" if x.ndim == 3 else "nhwc_dx"]
+    stream, (mean, k, shift, proj) = _streamed(dx, (dy, x), x, (mean, k, shift, proj))
+    _run(kernel, nthreads, dy, x, mean, k, shift, proj, dx, stream)
 
 
 def _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads):
