@@ -59,8 +59,9 @@ def dtype(request) -> np.dtype:
 
 # ------------------------------------------------------------------ shapes
 
-#: Shapes in NCHW terms (N, C, *spatial). The numba kernels cut a channel into chunks of
-#: CHUNK = 4096 values and split the chunks into at most MAX_STRIPES = 16 stripes; NCHW
+#: Shapes in NCHW terms (N, C, *spatial). The numba kernels cut an NCHW channel into chunks
+#: of CHUNK = 4096 values and (R, C) arrays into chunks of whole rows of about
+#: NHWC_CHUNK = 32768 values, and split the chunks into at most MAX_STRIPES = 16 stripes; NCHW
 #: with C >= 16 (or M <= CHUNK) runs one channel per thread (short rows: a group of
 #: adjacent channels per thread), C < 16 with M > CHUNK runs the stripe path; S >= CHUNK
 #: cuts rows into pieces; S == 1 and (N, C) run as (R, C).
@@ -68,8 +69,8 @@ SHAPES = [
     # (N, C)
     (2, 1),  # C=1, M=2: the smallest training input
     (7, 3),
-    (5000, 3),  # (R, C): M > CHUNK, several row chunks
-    (70001, 1),  # (R, C): 18 chunks > MAX_STRIPES, uneven stripes
+    (40000, 3),  # (R, C): M > CHUNK, four row chunks
+    (560001, 1),  # (R, C): 18 chunks > MAX_STRIPES, uneven stripes
     (33, 130),  # many channels, fewer rows per chunk than channels
     # (N, C, L)
     (2, 1, 1),  # S == 1, M == 2
@@ -94,7 +95,7 @@ SHAPES = [
 #: A smaller table for the tests that make many calls per shape (threads, out=, ...).
 PATH_SHAPES = [
     (7, 3),
-    (5000, 3),
+    (40000, 3),
     (3, 5, 1),
     (4, 3, 7),
     (2, 3, 5003),

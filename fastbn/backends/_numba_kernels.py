@@ -18,6 +18,7 @@ from .numba_cpu import (
     GROUP_CACHE,
     GROUP_MAX,
     GROUP_VALUES,
+    NHWC_CHUNK,
     _cache_enabled,
 )
 
@@ -538,7 +539,7 @@ def nhwc_merge(counts, means, m2s, mean, var):
 def nhwc_normalize(x, mean, scale, bias, y, stream):
     """y = (x - mean) * scale + bias; with stream, wrapped tables (see stream_normalize)."""
     n_rows, n_ch = x.shape
-    rows = max(1, CHUNK // n_ch)
+    rows = max(1, NHWC_CHUNK // n_ch)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     for k in prange((n_rows + rows - 1) // rows):
@@ -579,7 +580,7 @@ def add_rows(parts, out):
 def nhwc_dx(dy, x, mean, k, shift, proj, dx, stream):
     """dx per channel; with stream, wrapped tables (see stream_grad)."""
     n_rows, n_ch = x.shape
-    rows = max(1, CHUNK // n_ch)
+    rows = max(1, NHWC_CHUNK // n_ch)
     gf = dy.reshape(-1)
     xf = x.reshape(-1)
     df = dx.reshape(-1)

@@ -14,7 +14,7 @@ Determinism comes from a chunk grid that depends on the shape only:
   runs), each channel still computed exactly as alone. With fewer channels the
   chunks of a channel are split into at most ``MAX_STRIPES`` fixed stripes, reduced in
   parallel and merged in stripe order.
-- nhwc: rows are cut into chunks of about ``CHUNK`` values (whole rows), the chunks into at
+- nhwc: rows are cut into chunks of about ``NHWC_CHUNK`` values (whole rows), the chunks into at
   most ``MAX_STRIPES`` fixed stripes, each reduced into a (C,) partial, merged in order.
 
 A chunk's ``(count, mean, M2)`` comes from the deviations from a shift, in float64: the
@@ -35,8 +35,11 @@ import numpy as np
 
 NAME = "numba"
 
-#: Values per chunk of the fixed reduction grid.
+#: Values per chunk of the fixed reduction grid (NCHW).
 CHUNK = 4096
+#: Values per chunk of whole rows (NHWC); a chunk's per-channel bookkeeping (shift, merge)
+#: costs O(C), so a chunk holds many rows whatever C (the Cython kernels' value).
+NHWC_CHUNK = 32768
 #: Upper bound on the number of stripes a reduction is split into (temporary memory
 #: is O(C * MAX_STRIPES)).
 MAX_STRIPES = 16
@@ -218,7 +221,7 @@ def _stripes(nchunks: int) -> int:
 
 
 def _nhwc_rows(n_ch: int) -> int:
-    return max(1, CHUNK // n_ch)
+    return max(1, NHWC_CHUNK // n_ch)
 
 
 def _per_channel_path(x: np.ndarray) -> bool:
