@@ -82,7 +82,7 @@ def choose_backend(name: str | None) -> ModuleType:
 
     The automatic choice is the compiled Cython backend when it was built, otherwise numba.
     Measured with fastbn-bench on the benchmark shapes (README, "Measured results"), numba
-    took 0.95x-1.18x the Cython backend's time channels-first and 1.06x-1.58x channels-last,
+    took 1.00x-1.26x the Cython backend's time channels-first and 0.95x-1.23x channels-last,
     and its first call in a fresh process costs about 0.6 s from the disk cache (9 s without)
     against 12 ms. It never picks ``"cuda"`` for NumPy inputs.
     """
