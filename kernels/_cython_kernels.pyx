@@ -228,26 +228,25 @@ def build_simd():
     return FASTBN_BUILD_SIMD.decode()
 
 
-def cpu_has_x86_64_v3():
-    """Return whether the running CPU (and OS) supports AVX, AVX2, FMA, BMI1/2 and POPCNT.
+def cpu_has_x86_64(level):
+    """Return whether the running CPU (and OS) can run the x86-64 `level` build.
+
+    Parameters
+    ----------
+    level : {"v3", "v4"}
+        ``"v3"``: AVX, AVX2, FMA, BMI1/2 and POPCNT; ``"v4"``: those and AVX-512
+        F/BW/CD/DQ/VL.
 
     Returns
     -------
     bool
-        ``True`` when the x86-64-v3 build of the kernels can run here.
+        ``True`` when the build of the kernels for `level` can run here.
     """
-    return bool(fastbn_cpu_has_x86_64_v3())
-
-
-def cpu_has_x86_64_v4():
-    """Return whether the running CPU (and OS) supports x86-64-v3 and AVX-512 F/BW/CD/DQ/VL.
-
-    Returns
-    -------
-    bool
-        ``True`` when the x86-64-v4 build of the kernels can run here.
-    """
-    return bool(fastbn_cpu_has_x86_64_v4())
+    if level == "v3":
+        return bool(fastbn_cpu_has_x86_64_v3())
+    if level == "v4":
+        return bool(fastbn_cpu_has_x86_64_v4())
+    raise ValueError(f"level must be 'v3' or 'v4', got {level!r}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -1330,6 +1329,31 @@ def nhwc_stats(const floating[:, ::1] x, double[::1] mean, double[::1] var, int 
     _nhwc_stats_into(&x[0, 0], R, C, nthreads, &mean[0], &var[0])
 
 
+cdef int _nhwc_apply_into(const floating* xp, floating* yp, idx_t R, idx_t C,
+                          const double* m, const double* sc, const double* b,
+                          int nthreads) except -1:
+    """``y = (x - m) * sc + b`` on ``(R, C)``, stripes in parallel, streamed by the store rule."""
+    cdef idx_t sr = _nhwc_stripe_rows(R, C)
+    cdef idx_t ns = _ceil_div(R, sr), k, e
+    cdef int nt = _team(nthreads, ns, R * C)
+    cdef idx_t W = C + FBN_SBLOCK
+    cdef bint st = _use_stream(yp, xp, xp, R * C * sizeof(floating), sr * C)
+    cdef double* t = _wrapped(C, 3)
+    try:
+        with nogil:
+            fastbn_wrap(t, m, C)
+            fastbn_wrap(t + W, sc, C)
+            fastbn_wrap(t + 2 * W, b, C)
+            for k in prange(ns, schedule="static", num_threads=nt):
+                e = (k + 1) * sr
+                if e > R:
+                    e = R
+                _nhwc_apply(xp, yp, C, k * sr, e, t, t + W, t + 2 * W, st)
+    finally:
+        free(t)
+    return 0
+
+
 def nhwc_train_forward(const floating[:, ::1] x, const double[::1] weight,
                        const double[::1] bias, double eps, floating[:, ::1] y,
                        double[::1] mean, double[::1] var, double[::1] invstd, int nthreads):
@@ -1365,28 +1389,17 @@ def nhwc_train_forward(const floating[:, ::1] x, const double[::1] weight,
     cdef double* ip = &invstd[0]
     cdef const double* wp = &weight[0]
     cdef const double* bp = &bias[0]
-    cdef idx_t sr = _nhwc_stripe_rows(R, C)
-    cdef idx_t ns = _ceil_div(R, sr), k, e, c
-    cdef int nt = _team(nthreads, ns, R * C)
-    cdef idx_t W = C + FBN_SBLOCK
-    cdef bint st = _use_stream(yp, xp, xp, R * C * sizeof(floating), sr * C)
+    cdef idx_t c
     _nhwc_stats_into(xp, R, C, nthreads, mp, vp)
-    cdef double* t = _wrapped(C, 3)
+    cdef double* sc = _alloc(C)
     try:
         with nogil:
             for c in range(C):
                 ip[c] = 1.0 / sqrt(vp[c] + eps)
-                t[W + c] = wp[c] * ip[c]
-            fastbn_wrap(t, mp, C)
-            fastbn_wrap(t + W, t + W, C)
-            fastbn_wrap(t + 2 * W, bp, C)
-            for k in prange(ns, schedule="static", num_threads=nt):
-                e = (k + 1) * sr
-                if e > R:
-                    e = R
-                _nhwc_apply(xp, yp, C, k * sr, e, t, t + W, t + 2 * W, st)
+                sc[c] = wp[c] * ip[c]
+        _nhwc_apply_into(xp, yp, R, C, mp, sc, bp, nthreads)
     finally:
-        free(t)
+        free(sc)
 
 
 def nhwc_normalize(const floating[:, ::1] x, const double[::1] mean, const double[::1] scale,
@@ -1410,26 +1423,7 @@ def nhwc_normalize(const floating[:, ::1] x, const double[::1] mean, const doubl
     _check_vec(mean, C, "mean")
     _check_vec(scale, C, "scale")
     _check_vec(bias, C, "bias")
-    cdef idx_t sr = _nhwc_stripe_rows(R, C)
-    cdef idx_t ns = _ceil_div(R, sr), k, e
-    cdef int nt = _team(nthreads, ns, R * C)
-    cdef const floating* xp = &x[0, 0]
-    cdef floating* yp = &y[0, 0]
-    cdef idx_t W = C + FBN_SBLOCK
-    cdef bint st = _use_stream(yp, xp, xp, R * C * sizeof(floating), sr * C)
-    cdef double* t = _wrapped(C, 3)
-    try:
-        with nogil:
-            fastbn_wrap(t, &mean[0], C)
-            fastbn_wrap(t + W, &scale[0], C)
-            fastbn_wrap(t + 2 * W, &bias[0], C)
-            for k in prange(ns, schedule="static", num_threads=nt):
-                e = (k + 1) * sr
-                if e > R:
-                    e = R
-                _nhwc_apply(xp, yp, C, k * sr, e, t, t + W, t + 2 * W, st)
-    finally:
-        free(t)
+    _nhwc_apply_into(&x[0, 0], &y[0, 0], R, C, &mean[0], &scale[0], &bias[0], nthreads)
 
 
 cdef int _nhwc_bsums_into(const floating* gp, const floating* xp, idx_t R, idx_t C,

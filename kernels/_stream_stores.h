@@ -60,28 +60,27 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
  * block (the NHWC loops advance their channel). */
 #define FBN_SBLOCK 64
 #if FASTBN_STREAM_STORES
+#define FBN_STREAM_BODY(OUT, EXPR, STEP, STORE_BLOCK)                                        \
+    for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                                           \
+        double t_[FBN_SBLOCK];                                                               \
+        for (int l = 0; l < FBN_SBLOCK; l++) {                                               \
+            ptrdiff_t j = i + l;                                                             \
+            t_[l] = (EXPR);                                                                  \
+        }                                                                                    \
+        STORE_BLOCK((OUT) + i, t_);                                                          \
+        STEP;                                                                                \
+    }
+/* Stream the FBN_SBLOCK doubles of t to p: rounded to float32 (two vectors make one of
+ * floats), or as they are. */
+#define FBN_STREAM_BLOCK_F32(p, t)                                                           \
+    for (int l = 0; l < FBN_SBLOCK; l += 2 * FBN_W)                                          \
+    fbn_streamf((p) + l, fbn_loadd((t) + l), fbn_loadd((t) + l + FBN_W))
+#define FBN_STREAM_BLOCK_F64(p, t)                                                           \
+    for (int l = 0; l < FBN_SBLOCK; l += FBN_W) fbn_streamd((p) + l, fbn_loadd((t) + l))
 #define FBN_STREAM_BODY_F32(OUT, EXPR, STEP)                                                 \
-    for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                                           \
-        double t_[FBN_SBLOCK];                                                               \
-        for (int l = 0; l < FBN_SBLOCK; l++) {                                               \
-            ptrdiff_t j = i + l;                                                             \
-            t_[l] = (EXPR);                                                                  \
-        }                                                                                    \
-        for (int l = 0; l < FBN_SBLOCK; l += 2 * FBN_W)                                      \
-            fbn_streamf((OUT) + i + l, fbn_loadd(t_ + l), fbn_loadd(t_ + l + FBN_W));        \
-        STEP;                                                                                \
-    }
+    FBN_STREAM_BODY(OUT, EXPR, STEP, FBN_STREAM_BLOCK_F32)
 #define FBN_STREAM_BODY_F64(OUT, EXPR, STEP)                                                 \
-    for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                                           \
-        double t_[FBN_SBLOCK];                                                               \
-        for (int l = 0; l < FBN_SBLOCK; l++) {                                               \
-            ptrdiff_t j = i + l;                                                             \
-            t_[l] = (EXPR);                                                                  \
-        }                                                                                    \
-        for (int l = 0; l < FBN_SBLOCK; l += FBN_W)                                          \
-            fbn_streamd((OUT) + i + l, fbn_loadd(t_ + l));                                   \
-        STEP;                                                                                \
-    }
+    FBN_STREAM_BODY(OUT, EXPR, STEP, FBN_STREAM_BLOCK_F64)
 #else
 #define FBN_STREAM_BODY_F32(OUT, EXPR, STEP)
 #define FBN_STREAM_BODY_F64(OUT, EXPR, STEP)

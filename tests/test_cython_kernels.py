@@ -417,7 +417,7 @@ def _builds() -> list[ModuleType]:
     """The portable build, then every wider build (v3, v4) this CPU can run."""
     mods = [importlib.import_module("fastbn._cython_kernels")]
     for level in ("v3", "v4"):
-        if not getattr(mods[0], f"cpu_has_x86_64_{level}")():
+        if not mods[0].cpu_has_x86_64(level):
             break
         try:
             mods.append(importlib.import_module(f"fastbn._cython_kernels_{level}"))

@@ -75,7 +75,7 @@ def _pick(base: ModuleType) -> ModuleType:
         return base
     top = len(_LEVELS) if want == "auto" else _LEVELS.index(want) + 1
     for level in reversed(_LEVELS[:top]):
-        if getattr(base, f"cpu_has_x86_64_{level}")():
+        if base.cpu_has_x86_64(level):
             try:
                 return importlib.import_module(f"{_EXTENSION}_{level}")
             except ImportError:
