@@ -6,6 +6,7 @@ interchangeable backends: parallel Numba kernels, Cython/OpenMP kernels and numb
 """
 
 from ._config import show_config
+from ._stores import get_stream_threshold, set_stream_threshold
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .backends import BackendUnavailableError, available_backends
 from .functional import batch_norm, batch_norm_backward, batch_norm_train, moments
@@ -22,8 +23,10 @@ __all__ = [
     "batch_norm_backward",
     "batch_norm_train",
     "get_num_threads",
+    "get_stream_threshold",
     "moments",
     "num_threads",
     "set_num_threads",
+    "set_stream_threshold",
     "show_config",
 ]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
+from ._stores import get_stream_threshold
 from ._threads import default_num_threads, get_num_threads
 from .backends import BACKENDS, available_backends, get_backend
 
@@ -22,6 +23,7 @@ def config() -> dict[str, object]:
         "backends known": list(BACKENDS),
         "backends available": available,
         "threads (current / default)": f"{get_num_threads()} / {default_num_threads()}",
+        "streaming stores from (bytes)": get_stream_threshold(),
     }
     for name in available:
         describe = getattr(get_backend(name), "describe", None)

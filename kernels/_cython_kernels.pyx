@@ -136,8 +136,8 @@ SERIAL_WORK = _SERIAL_WORK
 # tail: (512, 512, 7, 7) inference took 7.0 ms streamed against 5.4 ms, hence the run rule.
 # The NHWC kernels walk a stripe of whole rows as one flat run: a row of a numpy array
 # starts mid-line, and a body started mid-line leaves half-written lines.
-# A consumer that reads the output at once finds it in memory, not in cache: set the
-# threshold with `stream_min_bytes` where that matters more.
+# A consumer that reads the output at once finds it in memory, not in cache: users move the
+# threshold with fastbn.set_stream_threshold (which calls `stream_min_bytes`).
 # ---------------------------------------------------------------------------------------
 cdef enum:
     _STREAM_MIN_RUN = 4 * FBN_SBLOCK

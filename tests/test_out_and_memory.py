@@ -111,14 +111,14 @@ def test_out_same_bits_as_fresh(backend, dtype, layout, shape):
 
 
 @contextmanager
-def stream_threshold(backend: str, nbytes: int) -> Iterator[None]:
-    """Set the backend's streaming-store threshold (bytes) for the duration."""
-    module = numba_cpu if backend == "numba" else cython_cpu._extension()
-    old = module.stream_min_bytes(nbytes)
+def stream_threshold(nbytes: int) -> Iterator[None]:
+    """Streaming stores from `nbytes` on (both CPU backends) for the duration."""
+    old = fastbn.get_stream_threshold()
+    fastbn.set_stream_threshold(nbytes)
     try:
         yield
     finally:
-        module.stream_min_bytes(old)
+        fastbn.set_stream_threshold(old)
 
 
 def line_offset_like(x: np.ndarray, shift: int) -> np.ndarray:
@@ -149,13 +149,35 @@ def test_streaming_stores_same_bits(backend, dtype, layout, shape):
     )
     for name, op in ops:
         case = Case(backend, dtype, x.shape, layout, name)
-        with stream_threshold(backend, 1 << 62):
+        with stream_threshold(1 << 62):
             want = op(x, None)
-        with stream_threshold(backend, 0):
+        with stream_threshold(0):
             for shift in (0, 1, 3, 5, 9):
                 out = line_offset_like(x, shift)
                 op(x, out)
                 assert_same_bits(f"streamed, {shift} values after a line", out, want, case)
+
+
+def test_stream_threshold_set_get_and_bad_values():
+    """The threshold is shared by both CPU backends; None restores the default; bad values
+    raise and change nothing."""
+    default = fastbn.get_stream_threshold()
+    assert default == numba_cpu.DEFAULT_STREAM_MIN_BYTES > 0
+    try:
+        fastbn.set_stream_threshold(12345)
+        assert fastbn.get_stream_threshold() == 12345
+        if cython_cpu.is_available():
+            assert cython_cpu.stream_min_bytes() == 12345
+        for bad, exc in [(-1, ValueError), (1.5, TypeError), ("4", TypeError), (True, TypeError)]:
+            with pytest.raises(exc, match="nbytes"):
+                fastbn.set_stream_threshold(bad)
+            assert fastbn.get_stream_threshold() == 12345
+        fastbn.set_stream_threshold(None)
+        assert fastbn.get_stream_threshold() == default
+        if cython_cpu.is_available():
+            assert cython_cpu.stream_min_bytes() == default
+    finally:
+        fastbn.set_stream_threshold(None)
 
 
 def bad_outs(x: np.ndarray):

@@ -30,6 +30,7 @@ __all__ = [
     "kernels",
     "max_threads",
     "openmp_enabled",
+    "stream_min_bytes",
     "unavailable_reason",
 ]
 
@@ -166,6 +167,23 @@ def kernels(layout: str) -> dict[str, Callable[..., None]]:
         table = {name: getattr(mod, f"{layout}_{name}") for name in KERNEL_NAMES}
         _tables[layout] = table
     return dict(table)
+
+
+def stream_min_bytes(n: int | None = None) -> int:
+    """Return (and optionally set) the extension's streaming-store size threshold in bytes.
+
+    Parameters
+    ----------
+    n : int, optional
+        The new threshold (see CONTRACT.md, store rule).
+
+    Returns
+    -------
+    int
+        The threshold before the call; 0 when the extension is not available.
+    """
+    mod = _extension()
+    return 0 if mod is None else int(mod.stream_min_bytes(n))
 
 
 def openmp_enabled() -> bool:

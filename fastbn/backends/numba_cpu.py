@@ -129,7 +129,9 @@ def _l2_bytes() -> int:
     return 0
 
 
-_stream_min_bytes = 2 * _l2_bytes() or 4 << 20
+#: The store rule's size threshold by default: twice a core's L2 cache (4 MiB if unknown).
+DEFAULT_STREAM_MIN_BYTES = 2 * _l2_bytes() or 4 << 20
+_stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
 
 
 def stream_min_bytes(n: int | None = None) -> int:
