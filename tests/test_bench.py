@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,8 @@ import fastbn
 from fastbn import bench, reference
 
 TINY = ["--shape", "4,3,5,5", "--repeat", "2", "--warmup", "1", "--copy-mib", "1"]
+#: The end of a Markdown table title when the report has a floor.
+FLOOR_TITLE = "; floor = least-traffic parallel NumPy copy/add of the same bytes, same run"
 CPU_BACKENDS = bench.fastbn_backends()
 
 
@@ -216,6 +219,34 @@ def test_every_callable_computes_batch_norm(impl: str, layout: str, op: str) -> 
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"{mode}")
 
 
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("mode", bench.MODES)
+@pytest.mark.parametrize("op", bench.OPS)
+def test_floor_copies_or_adds(op: str, mode: str, threads: int) -> None:
+    case = bench.Case((5, 3, 7), "NHWC", op, "float32")  # 105 values: unequal slices
+    data = bench.make_data(case, seed=2)
+    with ThreadPoolExecutor(threads) as pool:
+        result = bench.impls.floor_callable(case, data, mode, threads, pool)()
+    outputs = []  # (returned, expected, preallocated buffer)
+    if op == "fwdbwd":
+        outputs = [(result[0], data.x, data.y_out), (result[1], data.x + data.dy, data.dx_out)]
+    elif op == "backward":
+        outputs = [(result, data.x + data.dy, data.dx_out)]
+    else:
+        outputs = [(result, data.x, data.y_out)]
+    for got, expected, buffer in outputs:
+        assert got.shape == data.x.shape and got.dtype == data.x.dtype
+        np.testing.assert_array_equal(got, expected)
+        assert (got is buffer) == (mode == "out")  # fresh: a new array every call
+
+
+def test_floor_needs_the_output_gradient() -> None:
+    case = bench.Case((4, 3), "NHWC", "backward")
+    data = bench.make_data(case, with_dy=False)
+    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="with_dy"):
+        bench.impls.floor_callable(case, data, "out", 1, pool)
+
+
 # -- timing loop ------------------------------------------------------------------------
 
 
@@ -308,6 +339,8 @@ def _check_schema(doc: dict[str, Any], n_results: int) -> None:
         "roofline": float,
         "roofline_run": float,
         "vs": dict,
+        "floor_s": float,
+        "floor_vs": dict,
         "note": str,
     }
     for r in doc["results"]:
@@ -320,7 +353,40 @@ def _check_schema(doc: dict[str, Any], n_results: int) -> None:
         assert len(r["times_s"]) == doc["config"]["repeat"]
         assert r["thread_scaling"] is None or isinstance(r["thread_scaling"], float)
         assert r["peak_extra_bytes"] is None or isinstance(r["peak_extra_bytes"], int)
+        assert r["floor_s"] > 0
+        assert r["floor_vs"] and all(v > 0 for v in r["floor_vs"].values())
+    _check_floor(doc)
     assert isinstance(doc["cold_start"], list)
+
+
+def _check_floor(doc: dict[str, Any]) -> None:
+    """One floor item per case, thread count and row mode; the rows' floor_s are its medians."""
+    floor = {}
+    for f in doc["floor"]:
+        key = (tuple(f["shape"]), f["layout"], f["dtype"], f["op"], f["threads"], f["mode"])
+        assert key not in floor
+        assert len(f["times_s"]) == doc["config"]["repeat"]
+        assert 0 < f["min_s"] <= f["median_s"]
+        floor[key] = f["median_s"]
+    rows = doc["results"]
+    modes: dict[tuple[Any, ...], set[str]] = {}  # the config's modes and the rows' modes
+    for r in rows:
+        key = (tuple(r["shape"]), r["layout"], r["dtype"], r["op"], r["threads"])
+        modes.setdefault(key, set(doc["config"]["modes"])).add(r["mode"])
+        assert r["floor_s"] == floor[(*key, r["mode"])]
+        for peer, ratio in r["floor_vs"].items():
+            ref = [p for p in rows if p["impl"] == peer and _same(p, r)]
+            ref_row = next((p for p in ref if p["mode"] == r["mode"]), None) or next(
+                p for p in ref if p["mode"] == "fresh"
+            )
+            assert ratio == pytest.approx(ref_row["median_s"] / r["floor_s"])
+    assert sorted(floor) == sorted((*key, m) for key, ms in modes.items() for m in ms)
+
+
+def _same(a: dict[str, Any], b: dict[str, Any]) -> bool:
+    """Whether two rows are of the same case and thread count."""
+    keys = ("shape", "layout", "dtype", "op", "threads")
+    return all(a[k] == b[k] for k in keys)
 
 
 def test_tiny_run_writes_json_plot_markdown_and_table(tmp_path: Path, capsys: Any) -> None:
@@ -345,8 +411,8 @@ def test_tiny_run_writes_json_plot_markdown_and_table(tmp_path: Path, capsys: An
     assert [c for c in _cells(thread_header) if c.endswith(" thr")] == fastbn_columns
     assert "NumPy" not in thread_header  # single-threaded at every count
     for op in bench.OPS:
-        assert f"**{op}**, 1 thread (ms, median)" in lines
-        assert f"**{op}**, 2 threads (ms, median)" in lines
+        assert f"**{op}**, 1 thread (ms, median{FLOOR_TITLE})" in lines
+        assert f"**{op}**, 2 threads (ms, median{FLOOR_TITLE})" in lines
     # per layout, op and thread count: every fastbn backend in 2 modes, numpy once
     per_group = 2 * len(CPU_BACKENDS) + 1
     _check_schema(doc, n_results=2 * len(bench.OPS) * 2 * per_group)
@@ -390,10 +456,12 @@ def test_tiny_run_writes_markdown(tmp_path: Path) -> None:
     assert "copy bandwidth" in first and "GB/s with 1 thread" in first
     if hasattr(os, "getloadavg"):
         assert "load average" in first
-    assert "**train** (ms, median)" in text and "**infer** (ms, median)" in text
+    assert f"**train** (ms, median{FLOOR_TITLE})" in text
+    assert f"**infer** (ms, median{FLOOR_TITLE})" in text
     assert "Thread scaling" not in text  # one thread count
     columns = [f"{b} {m}" for b in CPU_BACKENDS for m in bench.MODES]
-    header = ["shape", "layout", *columns, "NumPy", f"{CPU_BACKENDS[0]} out, % of copy roofline"]
+    roofline = f"{CPU_BACKENDS[0]} out, % of copy roofline"
+    header = ["shape", "layout", *columns, "NumPy", "floor fresh", roofline]
     tables = _tables(text)
     assert len(tables) == 2
     for table in tables:
@@ -431,9 +499,19 @@ SYNTHETIC_MS = {
 }
 
 
-def _synthetic_report(impls: list[str], modes: list[str], threads: list[int]) -> dict[str, Any]:
-    """A complete hand-made report of ``infer`` on (8, 4, 5, 5) in both layouts."""
+#: Floor medians (ms) of the synthetic report, scaled like the implementations.
+SYNTHETIC_FLOOR_MS = {"fresh": 1.0, "out": 0.5}
+
+
+def _synthetic_report(
+    impls: list[str], modes: list[str], threads: list[int], floor: bool = False
+) -> dict[str, Any]:
+    """A complete hand-made report of ``infer`` on (8, 4, 5, 5) in both layouts.
+
+    Without `floor` it has none (``floor_s``, ``floor_vs``, ``floor``), as in version 1.
+    """
     rows = []
+    floors = []
     for layout, scale in (("NCHW", 1.0), ("NHWC", 2.0)):
         for n in threads:
             for (impl, mode), ms in SYNTHETIC_MS.items():
@@ -470,7 +548,24 @@ def _synthetic_report(impls: list[str], modes: list[str], threads: list[int]) ->
                         "note": "",
                     }
                 )
+            for mode, ms in SYNTHETIC_FLOOR_MS.items():
+                t = ms * scale / 1e3 / n
+                floors.append(
+                    {
+                        "shape": [8, 4, 5, 5],
+                        "layout": layout,
+                        "dtype": "float32",
+                        "op": "infer",
+                        "threads": n,
+                        "mode": mode,
+                        "median_s": t,
+                        "min_s": t,
+                        "times_s": [t],
+                    }
+                )
     bench.timing._add_ratios(rows)
+    if floor:
+        bench.timing._add_floor(rows, floors)
     copy = [
         {
             "threads": n,
@@ -482,7 +577,7 @@ def _synthetic_report(impls: list[str], modes: list[str], threads: list[int]) ->
         }
         for n in threads
     ]
-    return {
+    report = {
         "schema": "fastbn-bench",
         "version": bench.SCHEMA_VERSION,
         "created": "2026-01-02T03:04:05+00:00",
@@ -504,6 +599,9 @@ def _synthetic_report(impls: list[str], modes: list[str], threads: list[int]) ->
         "results": rows,
         "cold_start": [],
     }
+    if floor:
+        report["floor"] = floors
+    return report
 
 
 def _from_json(tmp_path: Path, report: dict[str, Any], monkeypatch: Any) -> str:
@@ -545,6 +643,106 @@ def test_from_json_renders_the_readme_tables(
         "| 1.50x | 2.50x | 50% |\n"
     )
     assert "copy bandwidth" in capsys.readouterr().out  # the console tables too
+
+
+def test_floor_ratios_and_columns(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
+    impls = ["cython", "numpy", "torch", "onnxruntime"]
+    report = _synthetic_report(impls, ["fresh", "out"], [2], floor=True)
+    rows = {(r["layout"], r["impl"], r["mode"]): r for r in report["results"]}
+    out = rows["NCHW", "cython", "out"]
+    assert out["floor_s"] == pytest.approx(0.25e-3)  # the out floor
+    # torch has no out row: its fresh row, as for vs; numpy is single-threaded
+    assert out["floor_vs"] == pytest.approx({"torch": 12.0, "onnxruntime": 10.0, "numpy": 80.0})
+    torch = rows["NCHW", "torch", "fresh"]
+    assert torch["floor_s"] == pytest.approx(0.5e-3)  # the fresh floor
+    assert torch["floor_vs"]["torch"] == pytest.approx(6.0)
+    text = _from_json(tmp_path, report, monkeypatch)
+    assert (
+        f"**infer** (ms, median; ratio = peer time / fastbn time, same run{FLOOR_TITLE})" in text
+    )
+    table = _tables(text)[0]
+    assert table[0][-4:] == [
+        "floor fresh",
+        "torch / floor (fresh)",
+        "ORT out / floor out",
+        "cython out, % of copy roofline",
+    ]
+    assert table[2][:2] == ["8x4x5x5", "NCHW"] and table[2][-4:] == [
+        "0.50",
+        "6.00x",
+        "10.00x",
+        "50%",
+    ]
+    assert table[3][:2] == ["8x4x5x5", "NHWC"] and table[3][-4:] == [
+        "1.00",
+        "6.00x",
+        "10.00x",
+        "50%",
+    ]
+    console = capsys.readouterr().out
+    for name in ("floor fresh", "torch / floor (fresh)", "ORT out / floor out"):
+        assert name in console
+
+
+def test_from_json_reads_version_1_without_floor(
+    tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    report = _synthetic_report(["cython", "numpy", "torch"], ["fresh", "out"], [2])
+    report["version"] = 1
+    assert "floor" not in report and all("floor_s" not in r for r in report["results"])
+    text = _from_json(tmp_path, report, monkeypatch)
+    assert "**infer** (ms, median; ratio = peer time / fastbn time, same run)" in text
+    assert "floor" not in text  # no floor columns
+    assert "infer (2 passes" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("version", [0, bench.SCHEMA_VERSION + 1, "2", True, None])
+def test_from_json_rejects_unknown_versions(tmp_path: Path, version: Any) -> None:
+    report = _synthetic_report(["cython"], ["out"], [1])
+    report["version"] = version
+    path = tmp_path / "in.json"
+    bench.write_json(report, str(path))
+    with pytest.raises(ValueError, match="report version"):
+        bench.read_json(str(path))
+
+
+def test_floor_modes_follow_the_rows(tmp_path: Path) -> None:
+    peers = [p for p in bench.PEERS if bench.peer_version(p) is not None]
+    impls = ",".join([CPU_BACKENDS[0], "numpy", *peers])
+    out_md = tmp_path / "out.md"
+    argv = [*TINY, "--layout", "NCHW", "--op", "infer,backward", "--mode", "out"]
+    argv += ["--threads", "2", "--backend", impls, "--no-progress", "--markdown", str(out_md)]
+    config = bench.parse_args(argv)
+    doc = bench.run(config)
+    _check_floor(doc)
+    by_op = {
+        op: {f["mode"] for f in doc["floor"] if f["op"] == op} for op in ("infer", "backward")
+    }
+    assert by_op == {"infer": {"fresh", "out"}, "backward": {"fresh", "out"}}  # numpy is fresh
+    for r in doc["results"]:
+        assert r["floor_s"] > 0
+        found = {"numpy", *(p for p in peers if bench.supports(p, _case(r)))}
+        if r["mode"] == "fresh":
+            found.discard("onnxruntime")  # it has no fresh row in this run: as for vs
+        assert set(r["floor_vs"]) == found
+    tables = _tables(bench.markdown(doc))
+    expected = ["floor fresh"] + (["torch / floor (fresh)"] if "torch" in peers else [])
+    assert tables[1][0][-len(expected) - 1 : -1] == expected  # backward
+    if "onnxruntime" in peers:
+        expected.append("ORT out / floor out")
+    assert tables[0][0][-len(expected) - 1 : -1] == expected  # infer
+    for table in tables:
+        for row in table[2:]:
+            assert all(cell != "-" for cell in row)
+    # without a fresh-only implementation, only the modes asked for
+    config = bench.parse_args([*argv[: argv.index("--backend")], "--backend", CPU_BACKENDS[0]])
+    doc = bench.run(config)
+    assert {f["mode"] for f in doc["floor"]} == {"out"}
+    assert "floor" not in bench.markdown(doc).split("\n", 1)[1]  # no fresh floor column
+
+
+def _case(row: dict[str, Any]) -> bench.Case:
+    return bench.Case(tuple(row["shape"]), row["layout"], row["op"], row["dtype"])
 
 
 def test_from_json_thread_scaling_table(tmp_path: Path, monkeypatch: Any) -> None:

@@ -38,6 +38,24 @@ Measurement
   and run from a thread pool (NumPy releases the GIL; glibc ``memcpy``), and (b) a Numba
   ``prange`` copy loop. Bandwidth counts read + write bytes. The run also reports the
   bandwidth of copying into a freshly allocated array (page faults included).
+* The *floor* is timed *with every case*, interleaved like an implementation: the least
+  memory traffic any implementation of the operation must make, done by the simplest
+  parallel NumPy calls over the same bytes. It reads each input of the operation once and
+  writes each output once, nothing else: ``infer`` and ``train`` copy ``x`` into ``y``
+  (``train`` must also read ``x`` for its statistics; the floor ignores that, so it stays
+  a lower bound); ``backward`` computes ``dx = x + dy`` (``np.add(x, dy, out=dx)``);
+  ``fwdbwd`` does both, one after the other (each thread copies its slice of ``x`` into
+  ``y``, then adds its slices of ``x`` and ``dy`` into ``dx``). The flat arrays are split in
+  one contiguous slice per thread, run on the copy roofline's thread pool (called directly
+  with one thread). It is timed per mode: ``fresh`` allocates the outputs with
+  ``np.empty`` in every call (page faults included, as in the fresh implementations),
+  ``out`` writes into the preallocated, pre-faulted output buffers; the modes are those
+  of ``--mode``, plus ``fresh`` when NumPy or PyTorch (fresh only) are timed. ``floor_s``
+  of a row is the floor of its mode; ``floor_vs`` is ``time(peer) / floor_s`` with the peer
+  row chosen as for ``vs``: the largest ratio against that peer that any implementation
+  making the minimal traffic could reach in this run (a target above it is out of reach
+  on this machine). The tables show ``floor fresh`` (its median), ``torch / floor (fresh)``
+  and, for ``infer``, ``ORT out / floor out``.
 * Effective bandwidth is ``passes * nbytes / median`` with the *nominal* pass count of the
   operation (read or write of one whole tensor each): train 3, infer 2, backward 5,
   fwdbwd 8; the roofline fractions use the same count. An NCHW kernel that keeps each
@@ -69,7 +87,7 @@ Implementations
     NHWC model would need Transpose nodes, so NHWC cases time ORT on the NCHW array of the
     same logical shape (noted in the output).
 
-JSON schema (``--json FILE``, ``"version": 1``)
+JSON schema (``--json FILE``, ``"version": 2``)
 -----------------------------------------------
 ``{"schema": "fastbn-bench", "version": 1, "created": ISO-8601 str,
 "machine": {"python", "platform", "processor", "cpus", "l2_bytes", "numpy", "fastbn",
@@ -81,11 +99,18 @@ JSON schema (``--json FILE``, ``"version": 1``)
 "results": [{"shape": [int], "array_shape": [int], "layout", "dtype", "op", "threads",
 "impl", "kind": "fastbn"|"baseline"|"peer", "mode": "fresh"|"out", "median_s", "min_s",
 "q1_s", "q3_s", "times_s": [float], "nbytes", "passes", "passes_min", "gbps",
-"copy_s", "roofline", "roofline_run", "vs": {impl: ratio}, "thread_scaling": float or null,
+"copy_s", "roofline", "roofline_run", "vs": {impl: ratio}, "floor_s": float or null,
+"floor_vs": {impl: ratio}, "thread_scaling": float or null,
 "peak_extra_bytes": int or null, "note": str}],
+"floor": [{"shape": [int], "layout", "dtype", "op", "threads", "mode": "fresh"|"out",
+"median_s", "min_s", "times_s": [float]}],
 "cold_start": [{"impl", "shape", "layout", "import_s", "first_call_s", "second_call_s",
 "note"}]}``.
 Times are in seconds, bandwidths in GB/s (1e9 bytes/s), ``roofline`` is a fraction.
+``floor`` holds the floor medians, one item per case, thread count and floor mode.
+``floor_vs`` has a key for each of torch, onnxruntime and numpy timed on the case, in every
+row (peer rows included). Version 1 (no ``floor``, ``floor_s``, ``floor_vs``) is still read
+by ``--from-json``; its tables have no floor columns.
 
 Modules
 -------
@@ -142,7 +167,15 @@ from .report import (
     write_markdown,
     write_plot,
 )
-from .timing import COPY, SCHEMA_VERSION, Entry, peak_extra_bytes, run, time_entries
+from .timing import (
+    COPY,
+    FLOOR,
+    SCHEMA_VERSION,
+    Entry,
+    peak_extra_bytes,
+    run,
+    time_entries,
+)
 
 __all__ = [
     "BASELINE",
@@ -150,6 +183,7 @@ __all__ = [
     "DEFAULT_SHAPES",
     "DTYPES",
     "EPS",
+    "FLOOR",
     "LAYOUTS",
     "MODES",
     "MOMENTUM",

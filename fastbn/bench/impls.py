@@ -1,4 +1,5 @@
-"""The callables being timed: fastbn's backends, plain NumPy, PyTorch, ONNX Runtime, copy."""
+"""The callables being timed: fastbn's backends, plain NumPy, PyTorch, ONNX Runtime, copy,
+floor."""
 
 from __future__ import annotations
 
@@ -224,6 +225,96 @@ def copy_callable(d: Data, threads: int, pool: ThreadPoolExecutor) -> Callable[[
     if threads == 1:
         return lambda: np.copyto(dst, src)
     return lambda: list(pool.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))
+
+
+def floor_callable(
+    case: Case, d: Data, mode: str, threads: int, pool: ThreadPoolExecutor
+) -> Callable[[], object]:
+    """The least memory traffic of `case`'s operation, by parallel NumPy (the floor).
+
+    Every input of the operation is read once and every output written once, nothing
+    else: ``infer`` and ``train`` copy ``x`` into ``y`` (train's statistics, which need
+    another read of ``x``, are ignored, so the floor stays a lower bound); ``backward``
+    computes ``dx = x + dy``; ``fwdbwd`` does both, each thread copying its slice of ``x``
+    into ``y`` and then adding its slices of ``x`` and ``dy`` into ``dx``. The flat arrays
+    are split in `threads` contiguous slices, one per task of `pool` (called directly with
+    one thread); NumPy releases the GIL.
+
+    Parameters
+    ----------
+    case : Case
+        The operation, shape, layout and dtype.
+    d : Data
+        Arrays from :func:`~fastbn.bench.make_data` for that case (with ``dy`` and
+        ``dx_out`` for ``backward`` and ``fwdbwd``).
+    mode : {"fresh", "out"}
+        ``fresh``: the outputs are allocated by ``np.empty`` in every call (their page
+        faults are timed, as in the fresh implementations); ``out``: they are ``d``'s
+        preallocated, pre-faulted ``y_out`` and ``dx_out``.
+    threads : int
+        Number of slices (and tasks).
+    pool : concurrent.futures.ThreadPoolExecutor
+        Runs the slices when `threads` > 1 (the pool of the copy roofline).
+
+    Returns
+    -------
+    callable
+        Returns ``y`` (infer, train), ``dx`` (backward) or ``(y, dx)`` (fwdbwd), shaped
+        like ``d.x``.
+    """
+    wants_y = case.op != "backward"
+    wants_dx = case.op in ("backward", "fwdbwd")
+    if wants_dx and d.dy is None:
+        raise ValueError(f"{case.op} needs Data made with with_dy=True")
+    x = d.x.reshape(-1)
+    dy = d.dy.reshape(-1) if d.dy is not None else x
+    n = x.size
+    bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+
+    def part(y: np.ndarray | None, dx: np.ndarray | None, lo: int, hi: int) -> None:
+        if y is not None:
+            np.copyto(y[lo:hi], x[lo:hi])
+        if dx is not None:
+            np.add(x[lo:hi], dy[lo:hi], out=dx[lo:hi])
+
+    def fill(y: np.ndarray | None, dx: np.ndarray | None) -> None:
+        if threads == 1:
+            part(y, dx, 0, n)
+        else:
+            list(pool.map(lambda b: part(y, dx, b[0], b[1]), bounds))
+
+    def result(y: np.ndarray | None, dx: np.ndarray | None) -> object:
+        if y is not None and dx is not None:
+            return y, dx
+        return y if y is not None else dx
+
+    if mode == "out":
+        if wants_dx and d.dx_out is None:
+            raise ValueError(f"{case.op} needs Data made with with_dy=True")
+        y_out = d.y_out if wants_y else None
+        dx_out = d.dx_out if wants_dx else None
+        y_flat = y_out.reshape(-1) if y_out is not None else None
+        dx_flat = dx_out.reshape(-1) if dx_out is not None else None
+
+        def floor_out() -> object:
+            fill(y_flat, dx_flat)
+            return result(y_out, dx_out)
+
+        return floor_out
+    if mode != "fresh":
+        raise ValueError(f"unknown mode {mode!r}")
+    shape, dtype = d.x.shape, d.x.dtype
+
+    def floor_fresh() -> object:
+        y = np.empty(shape, dtype) if wants_y else None
+        dx = np.empty(shape, dtype) if wants_dx else None
+        fill(
+            y.reshape(-1) if y is not None else None,
+            dx.reshape(-1) if dx is not None else None,
+        )
+        return result(y, dx)
+
+    return floor_fresh
 
 
 def impl_kind(impl: str) -> str:

@@ -31,6 +31,64 @@ def _fmt_ratio(value: float | None) -> str:
     return f"[green]{text}[/]" if value >= 1 else f"[red]{text}[/]"
 
 
+#: The floor columns of the tables: (header, peer, peer mode, floor mode); without a peer the
+#: column is the floor's median, else ``time(peer) / floor``, the best ratio reachable.
+_FLOOR_COLUMNS: tuple[tuple[str, str | None, str, str], ...] = (
+    ("floor fresh", None, "fresh", "fresh"),
+    ("torch / floor (fresh)", "torch", "fresh", "fresh"),
+    ("ORT out / floor out", "onnxruntime", "out", "out"),
+)
+
+
+def _group(row: dict[str, Any]) -> tuple[Any, ...]:
+    """A row's case and thread count: ``(shape, layout, dtype, op, threads)``."""
+    return tuple(row["shape"]), row["layout"], row["dtype"], row["op"], row["threads"]
+
+
+def _floor_values(
+    report: dict[str, Any], rows: list[dict[str, Any]]
+) -> tuple[list[str], dict[tuple[Any, ...], list[float | None]]]:
+    """The floor columns that have a value for `rows`, and their values per group.
+
+    Parameters
+    ----------
+    report : dict
+        The report; its ``floor`` list is absent before schema version 2 (no columns).
+    rows : list of dict
+        Result rows of one operation.
+
+    Returns
+    -------
+    names : list of str
+        Headers of the columns with a value in at least one group.
+    values : dict
+        For each :func:`_group` of `rows`, the values of those columns (None: missing);
+        times in seconds, ratios as fractions.
+    """
+    floor: dict[tuple[Any, ...], float] = {}
+    for f in report.get("floor") or []:  # absent before schema version 2
+        group = (tuple(f["shape"]), f["layout"], f["dtype"], f["op"], f["threads"])
+        floor[(*group, f["mode"])] = f["median_s"]
+    index = {(_group(r), r["impl"], r["mode"]): r for r in rows}
+    values: dict[tuple[Any, ...], list[float | None]] = {}
+    for group in dict.fromkeys(_group(r) for r in rows):
+        cells: list[float | None] = []
+        for _, peer, peer_mode, floor_mode in _FLOOR_COLUMNS:
+            floor_s = floor.get((*group, floor_mode))
+            if peer is None:
+                cells.append(floor_s)
+                continue
+            ref = index.get((group, peer, peer_mode))
+            ok = ref is not None and floor_s is not None
+            cells.append(ref["median_s"] / floor_s if ok else None)
+        values[group] = cells
+    keep = [
+        k for k in range(len(_FLOOR_COLUMNS)) if any(v[k] is not None for v in values.values())
+    ]
+    names = [_FLOOR_COLUMNS[k][0] for k in keep]
+    return names, {g: [v[k] for k in keep] for g, v in values.items()}
+
+
 def render(report: dict[str, Any], console: Any = None) -> None:
     """Print the copy bandwidth, one rich table per operation, notes and cold start.
 
@@ -71,6 +129,9 @@ def render(report: dict[str, Any], console: Any = None) -> None:
             table.add_column(name, justify="right", no_wrap=True)
         for p in peers:
             table.add_column(f"vs {_SHORT[p]}", justify="right", no_wrap=True)
+        floor_names, floor_values = _floor_values(report, op_rows)
+        for name in floor_names:
+            table.add_column(name, justify="right", no_wrap=True)
         if scaling:
             table.add_column("vs 1 thr", justify="right", no_wrap=True)
         if memory:
@@ -78,8 +139,9 @@ def render(report: dict[str, Any], console: Any = None) -> None:
         table.add_column("note")
         previous = None
         for r in op_rows:
-            group = (tuple(r["shape"]), r["layout"], r["dtype"], r["threads"])
-            if previous is not None and group != previous:
+            group = _group(r)
+            first = group != previous
+            if previous is not None and first:
                 table.add_section()
             previous = group
             case = "x".join(map(str, r["shape"])) + " " + r["layout"]
@@ -95,6 +157,11 @@ def render(report: dict[str, Any], console: Any = None) -> None:
                 f"{100 * r['roofline']:.0f}%",
             ]
             cells += [_fmt_ratio(r["vs"].get(p)) for p in peers]
+            for name, value in zip(floor_names, floor_values[group], strict=True):
+                if not first or value is None:  # one value per case: on its first row
+                    cells.append("")
+                else:
+                    cells.append(_fmt_time(value) if name == "floor fresh" else f"{value:.2f}x")
             if scaling:
                 ts = r["thread_scaling"]
                 cells.append(f"{ts:.2f}x" if ts is not None else "")
@@ -202,16 +269,17 @@ def read_json(path: str) -> dict[str, Any]:
     Raises
     ------
     ValueError
-        If the file is not a ``fastbn-bench`` report of this schema version.
+        If the file is not a ``fastbn-bench`` report of this or an older schema version
+        (version 1 has no floor: its tables have no floor columns).
     """
     with open(path, encoding="utf-8") as f:
         report = json.load(f)
     if not isinstance(report, dict) or report.get("schema") != "fastbn-bench":
         raise ValueError(f"{path} is not a fastbn-bench report")
-    if report.get("version") != SCHEMA_VERSION:
-        raise ValueError(
-            f"{path} has report version {report.get('version')}, expected {SCHEMA_VERSION}"
-        )
+    version = report.get("version")
+    known = isinstance(version, int) and not isinstance(version, bool)
+    if not known or not 1 <= version <= SCHEMA_VERSION:
+        raise ValueError(f"{path} has report version {version!r}, expected 1 to {SCHEMA_VERSION}")
     return report
 
 
@@ -332,12 +400,17 @@ def _fmt_ms(row: dict[str, Any] | None) -> str:
     return "-" if row is None else f"{row['median_s'] * 1e3:.2f}"
 
 
-def _md_op_section(title: str, rows: list[dict[str, Any]], multi_dtype: bool) -> list[str]:
+def _md_op_section(
+    title: str, rows: list[dict[str, Any]], multi_dtype: bool, report: dict[str, Any]
+) -> list[str]:
     """The README table of one operation at one thread count, after its title.
 
     Columns: the median of every implementation and mode, then for every peer the ratio of
-    its time to the best fastbn time (same mode when the peer has it), then the roofline
-    fraction of the first fastbn backend (its ``out`` mode when measured).
+    its time to the best fastbn time (same mode when the peer has it), then the fresh
+    floor's median (``floor fresh``) and the best ratios reachable against the peers
+    (``torch / floor (fresh)``, ``ORT out / floor out``), then the roofline fraction of the
+    first fastbn backend (its ``out`` mode when measured). A floor column is left out when
+    no case of the table has its value (a report of schema version 1 has no floor).
     """
     series = _series(rows)
     kinds = {r["impl"]: r["kind"] for r in rows}
@@ -366,10 +439,13 @@ def _md_op_section(title: str, rows: list[dict[str, Any]], multi_dtype: bool) ->
             header.append(f"best fastbn {ours_mode} vs {name} {peer_mode}")
         else:
             header.append(f"best fastbn {ours_mode} vs {name} ({peer_mode})")
+    floor_names, floor_values = _floor_values(report, rows)
+    header += floor_names
     header.append(f"{roof[0]} {roof[1]}, % of copy roofline")
 
     lines = []
-    for key in dict.fromkeys(_case_key(r) for r in rows):
+    groups = {_case_key(r): _group(r) for r in rows}
+    for key in groups:
         cells = _case_cells(key, multi_dtype)
         cells += [_fmt_ms(index.get((key, impl, mode))) for impl, mode in series]
         for peer, ours_mode, peer_mode in ratios:
@@ -378,10 +454,17 @@ def _md_op_section(title: str, rows: list[dict[str, Any]], multi_dtype: bool) ->
             ref = index.get((key, peer, peer_mode))
             ok = ref is not None and best is not None
             cells.append(f"{ref['median_s'] / best:.2f}x" if ok else "-")
+        for name, value in zip(floor_names, floor_values[groups[key]], strict=True):
+            if value is None:
+                cells.append("-")
+            else:
+                cells.append(f"{value * 1e3:.2f}" if name == "floor fresh" else f"{value:.2f}x")
         r = index.get((key, *roof))
         cells.append("-" if r is None else f"{100 * r['roofline']:.0f}%")
         lines.append(cells)
     what = "ms, median" + ("; ratio = peer time / fastbn time, same run" if ratios else "")
+    if floor_names:
+        what += "; floor = least-traffic parallel NumPy copy/add of the same bytes, same run"
     return ["", f"{title} ({what})", "", *_md_table(header, lines)]
 
 
@@ -470,7 +553,7 @@ def markdown(report: dict[str, Any]) -> str:
             rows = [r for r in report["results"] if r["op"] == op and r["threads"] == n]
             if rows:
                 title = f"**{op}**" + (f", {_plural(n, 'thread')}" if len(threads) > 1 else "")
-                out += _md_op_section(title, rows, multi_dtype)
+                out += _md_op_section(title, rows, multi_dtype, report)
     if len(threads) > 1 and report["results"]:
         out += _md_thread_section(report, multi_dtype)
     if report.get("cold_start"):

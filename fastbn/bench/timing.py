@@ -12,12 +12,13 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from .cases import Case, Data, make_data
+from .cases import MODES, Case, Data, make_data
 from .cold import cold_start
 from .impls import (
     BASELINE,
     PEERS,
     copy_callable,
+    floor_callable,
     impl_kind,
     impl_modes,
     make_callable,
@@ -29,9 +30,20 @@ from .machine import available_cpus, l2_cache_bytes, machine_info, measure_copy_
 if TYPE_CHECKING:
     from .cli import Config
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 #: The same-size parallel copy timed with every case (the roofline), never a result row.
 COPY = "copy"
+#: The least-traffic NumPy version of each case's operation, timed per mode with every
+#: case (``floor_s``, ``floor_vs`` and the report's ``floor`` list), never a result row.
+FLOOR = "floor"
+#: A note of every report: the definition of the floor.
+FLOOR_NOTE = (
+    "floor: the least memory traffic of the op, each input read once and each output "
+    "written once, by parallel NumPy on the same bytes (infer/train: y = copy of x; "
+    "backward: dx = x + dy; fwdbwd: both), per mode (fresh: np.empty outputs; out: "
+    "preallocated), timed with the implementations; time(peer) / floor is the largest "
+    "ratio against that peer any implementation could reach here"
+)
 
 
 @dataclass
@@ -129,8 +141,12 @@ def time_entries(
             advance(1)
 
 
-def _plan(config: Config) -> list[tuple[Case, int, list[tuple[str, str]]]]:
-    """Every (case, threads) group with the (impl, mode) pairs it times."""
+def _plan(config: Config) -> list[tuple[Case, int, list[tuple[str, str]], list[str]]]:
+    """Every (case, threads) group with the (impl, mode) pairs and the floor modes it times.
+
+    The floor is timed in every mode of ``config.modes`` and in ``fresh`` when a timed
+    implementation has only that mode (NumPy, PyTorch), so every row has its floor.
+    """
     plan = []
     for case in config.cases():
         pairs = [
@@ -139,7 +155,9 @@ def _plan(config: Config) -> list[tuple[Case, int, list[tuple[str, str]]]]:
             if supports(impl, case)
             for mode in impl_modes(impl, case, config.modes)
         ]
-        plan.extend((case, n, pairs) for n in config.threads)
+        used = {mode for _, mode in pairs} | set(config.modes)
+        floor_modes = [mode for mode in MODES if mode in used]
+        plan.extend((case, n, pairs, floor_modes) for n in config.threads)
     return plan
 
 
@@ -188,6 +206,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             "torch: F.batch_norm with running stats (BatchNorm2d's call); backward = "
             "aten.native_batch_norm_backward; fwdbwd = autograd"
         )
+    notes.append(FLOOR_NOTE)
     notes.append(
         "passes (nominal, used for GB/s and roofline): train 3, infer 2, backward 5, "
         "fwdbwd 8; NCHW channel slices within L2 "
@@ -201,8 +220,12 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             "slow multi-threaded timings; see machine.loadavg for the end of the run)"
         )
     plan = _plan(config)
-    total = sum((len(pairs) + 1) * (config.warmup + config.repeat) for _, _, pairs in plan)
+    total = sum(
+        (len(pairs) + 1 + len(floor_modes)) * (config.warmup + config.repeat)
+        for _, _, pairs, floor_modes in plan
+    )
     results: list[dict[str, Any]] = []
+    floors: list[dict[str, Any]] = []
     copy: dict[int, dict[str, Any]] = {}
     progress = Progress(
         TextColumn("{task.description}"),
@@ -221,7 +244,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             progress.advance(task)
         data: Data | None = None
         data_key: tuple[Any, ...] | None = None
-        for case, n, pairs in plan:
+        for case, n, pairs, floor_modes in plan:
             key = (case.shape, case.layout, case.dtype)
             if key != data_key:
                 data = None  # free the previous arrays first
@@ -236,6 +259,10 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                     for impl, mode in pairs
                 ]
                 entries.append(Entry(COPY, "out", copy_callable(data, n, pool)))
+                entries += [
+                    Entry(FLOOR, mode, floor_callable(case, data, mode, n, pool))
+                    for mode in floor_modes
+                ]
                 time_entries(
                     entries,
                     config.repeat,
@@ -245,12 +272,16 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                 )
                 if config.memory:
                     for entry in entries:
+                        if entry.impl in (COPY, FLOOR):
+                            continue
                         if impl_kind(entry.impl) in ("fastbn", "baseline"):
                             entry.peak_extra = peak_extra_bytes(entry.func, case, entry.mode)
             results.extend(_rows(case, n, entries, copy[n], l2))
+            floors.extend(_floor_rows(case, n, entries))
             del entries  # their closures hold the arrays: free them before the next shape
         data = None
     _add_ratios(results)
+    _add_floor(results, floors)
     report: dict[str, Any] = {
         "schema": "fastbn-bench",
         "version": SCHEMA_VERSION,
@@ -271,6 +302,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
         "copy": [copy[n] for n in config.threads],
         "notes": notes,
         "results": results,
+        "floor": floors,
         "cold_start": [],
     }
     if config.cold_start:
@@ -286,7 +318,7 @@ def _rows(
     copy_entry = next(e for e in entries if e.impl == COPY)
     copy_s = statistics.median(copy_entry.times)
     for entry in entries:
-        if entry is copy_entry:
+        if entry.impl in (COPY, FLOOR):
             continue
         ts = sorted(entry.times)
         median = statistics.median(ts)
@@ -321,6 +353,8 @@ def _rows(
                 "roofline": nominal * copy_s / 2 / median,
                 "roofline_run": gbps / copy["gbps"],
                 "vs": {},
+                "floor_s": None,
+                "floor_vs": {},
                 "thread_scaling": None,
                 "peak_extra_bytes": entry.peak_extra,
                 "note": note,
@@ -357,3 +391,56 @@ def _add_ratios(rows: list[dict[str, Any]]) -> None:
         one = index.get((*key, 1, r["impl"], r["mode"]))
         if one is not None and r["threads"] != 1:
             r["thread_scaling"] = one["median_s"] / r["median_s"]
+
+
+def _floor_rows(case: Case, threads: int, entries: list[Entry]) -> list[dict[str, Any]]:
+    """The report's ``floor`` items of one (case, threads) group: one per timed mode."""
+    return [
+        {
+            "shape": list(case.shape),
+            "layout": case.layout,
+            "dtype": case.dtype,
+            "op": case.op,
+            "threads": threads,
+            "mode": entry.mode,
+            "median_s": statistics.median(entry.times),
+            "min_s": min(entry.times),
+            "times_s": entry.times,
+        }
+        for entry in entries
+        if entry.impl == FLOOR
+    ]
+
+
+def _floor_key(item: dict[str, Any]) -> tuple[Any, ...]:
+    return (
+        tuple(item["shape"]),
+        item["layout"],
+        item["dtype"],
+        item["op"],
+        item["threads"],
+        item["mode"],
+    )
+
+
+def _add_floor(rows: list[dict[str, Any]], floors: list[dict[str, Any]]) -> None:
+    """Fill ``floor_s`` and ``floor_vs`` of every row in place.
+
+    ``floor_s`` is the floor median of the row's case, thread count and mode (None when
+    it was not timed). ``floor_vs[peer]`` is ``time(peer) / floor_s`` for torch,
+    onnxruntime and numpy, with the peer row chosen as for ``vs`` (the row's mode when the
+    peer has it, else the peer's fresh row); every row gets it, peer rows included.
+    """
+    floor = {_floor_key(f): f["median_s"] for f in floors}
+    index = {(*_floor_key(r), r["impl"]): r for r in rows}
+    for r in rows:
+        key = (tuple(r["shape"]), r["layout"], r["dtype"], r["op"], r["threads"])
+        floor_s = floor.get((*key, r["mode"]))
+        r["floor_s"] = floor_s
+        r["floor_vs"] = {}
+        if floor_s is None:
+            continue
+        for other in (*PEERS, BASELINE):
+            ref = index.get((*key, r["mode"], other)) or index.get((*key, "fresh", other))
+            if ref is not None:
+                r["floor_vs"][other] = ref["median_s"] / floor_s
