@@ -58,6 +58,10 @@ from _openmp_helpers cimport (
     fastbn_prefetch,
     fastbn_prefetch_w,
     fastbn_apply_nt_f32,
+    fastbn_apply_rows_nt_f32,
+    fastbn_apply_rows_nt_f64,
+    fastbn_dx_rows_nt_f32,
+    fastbn_dx_rows_nt_f64,
     fastbn_apply_nt_f64,
     fastbn_dx_nt_f32,
     fastbn_dx_nt_f64,
@@ -557,9 +561,35 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
         ca = cb
 
 
+cdef inline void _rows_apply_nt(const floating* x, floating* y, idx_t nr, idx_t S,
+                                idx_t stride, idx_t C, idx_t c0, const double* m,
+                                const double* sc, const double* b) noexcept nogil:
+    """Streamed ``_apply`` of ``nr`` rows of ``S`` values, ``stride`` apart, channel
+    ``(c0 + r) % C`` (the rows are walked as interleaved streams: _stream_stores.h)."""
+    if floating is float:
+        fastbn_apply_rows_nt_f32(x, y, nr, S, stride, C, c0, m, sc, b)
+    else:
+        fastbn_apply_rows_nt_f64(x, y, nr, S, stride, C, c0, m, sc, b)
+
+
+cdef inline void _rows_dx_nt(const floating* dy, const floating* x, floating* dx, idx_t nr,
+                             idx_t S, idx_t stride, idx_t C, idx_t c0, const double* m,
+                             const double* k, const double* a, const double* q) noexcept nogil:
+    """Streamed ``_dx`` of rows, as ``_rows_apply_nt``."""
+    if floating is float:
+        fastbn_dx_rows_nt_f32(dy, x, dx, nr, S, stride, C, c0, m, k, a, q)
+    else:
+        fastbn_dx_rows_nt_f64(dy, x, dx, nr, S, stride, C, c0, m, k, a, q)
+
+
 cdef void _nchw_apply(const floating* x, floating* y, idx_t S, idx_t CS, idx_t a, idx_t b,
                       double m, double sc, double bias, bint stream) noexcept nogil:
     cdef idx_t i, n, s, L
+    if stream and a % S == 0 and b % S == 0:
+        _rows_apply_nt(x + a // S * CS, y + a // S * CS, (b - a) // S, S, CS, 1, 0, &m, &sc,
+                       &bias)
+        fastbn_sfence()
+        return
     i = a
     n = i // S
     s = i - n * S
@@ -580,13 +610,15 @@ cdef void _nchw_rows_apply(const floating* x, floating* y, idx_t S, idx_t C, idx
                            const double* b, bint stream) noexcept nogil:
     """Normalize rows ``[r0, r1)`` of the ``(N*C, S)`` view, channel ``r % C``."""
     cdef idx_t r, c = r0 % C
+    if stream:
+        _rows_apply_nt(x + r0 * S, y + r0 * S, r1 - r0, S, S, C, c, m, sc, b)
+        fastbn_sfence()
+        return
     for r in range(r0, r1):
-        _apply_out(x + r * S, y + r * S, S, m[c], sc[c], b[c], stream)
+        _apply(x + r * S, y + r * S, S, m[c], sc[c], b[c])
         c += 1
         if c == C:
             c = 0
-    if stream:
-        fastbn_sfence()
 
 
 cdef void _nchw_bsums(const floating* dy, const floating* x, idx_t S, idx_t CS,
@@ -616,6 +648,11 @@ cdef void _nchw_dx(const floating* dy, const floating* x, floating* dx, idx_t S,
                    idx_t a, idx_t b, double m, double k, double am, double q,
                    bint stream) noexcept nogil:
     cdef idx_t i, n, s, L
+    if stream and a % S == 0 and b % S == 0:
+        _rows_dx_nt(dy + a // S * CS, x + a // S * CS, dx + a // S * CS, (b - a) // S, S, CS,
+                    1, 0, &m, &k, &am, &q)
+        fastbn_sfence()
+        return
     i = a
     n = i // S
     s = i - n * S
@@ -963,6 +1000,10 @@ def nchw_normalize(const floating[:, :, ::1] x, const double[::1] mean,
     cdef const double* sp = &scale[0]
     cdef const double* bp = &bias[0]
     cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating), S)
+    if st:
+        # Streamed: one block of consecutive rows per thread, walked as interleaved streams.
+        rb = _ceil_div(nrows, nt)
+        nblk = _ceil_div(nrows, rb)
     with nogil:
         for blk in prange(nblk, schedule="static", num_threads=nt):
             e = (blk + 1) * rb

@@ -462,6 +462,9 @@ def _unaligned_like(x: np.ndarray, shift: int) -> np.ndarray:
         ("nchw", (3, 5, 37)),
         ("nchw", (2, 3, 4099)),
         ("nchw", (3, 2, 50001)),
+        # rows walked as interleaved streams: normalize's row blocks, whole channels
+        ("nchw", (16, 4, 300)),
+        ("nchw", (9, 16, 1100)),
         ("nhwc", (301, 5)),
         ("nhwc", (97, 67)),
         ("nhwc", (40, 256)),
