@@ -83,21 +83,13 @@ cdef extern from "_stream_stores.h":
     void fastbn_sfence() noexcept nogil
     long fastbn_l2_bytes() noexcept nogil
     void fastbn_apply_rows_nt_f32(const float* x, float* y, Py_ssize_t nr, Py_ssize_t S,
-                                  Py_ssize_t stride, Py_ssize_t C, Py_ssize_t c0,
+                                  Py_ssize_t C, Py_ssize_t c0,
                                   const double* m, const double* sc,
                                   const double* b) noexcept nogil
     void fastbn_apply_rows_nt_f64(const double* x, double* y, Py_ssize_t nr, Py_ssize_t S,
-                                  Py_ssize_t stride, Py_ssize_t C, Py_ssize_t c0,
+                                  Py_ssize_t C, Py_ssize_t c0,
                                   const double* m, const double* sc,
                                   const double* b) noexcept nogil
-    void fastbn_dx_rows_nt_f32(const float* g, const float* x, float* d, Py_ssize_t nr,
-                               Py_ssize_t S, Py_ssize_t stride, Py_ssize_t C, Py_ssize_t c0,
-                               const double* m, const double* k, const double* a,
-                               const double* q) noexcept nogil
-    void fastbn_dx_rows_nt_f64(const double* g, const double* x, double* d, Py_ssize_t nr,
-                               Py_ssize_t S, Py_ssize_t stride, Py_ssize_t C, Py_ssize_t c0,
-                               const double* m, const double* k, const double* a,
-                               const double* q) noexcept nogil
     void fastbn_apply_nt_f32(const float* x, float* y, Py_ssize_t n, double m, double sc,
                              double b) noexcept nogil
     void fastbn_apply_nt_f64(const double* x, double* y, Py_ssize_t n, double m, double sc,
