@@ -539,7 +539,7 @@ cdef inline idx_t _nchw_part(idx_t S, idx_t a, idx_t b) noexcept nogil:
     return p
 
 
-cdef void _nchw_chunk(const floating* g, const floating* x, idx_t S, idx_t CS, idx_t c0,
+cdef inline void _nchw_chunk(const floating* g, const floating* x, idx_t S, idx_t CS, idx_t c0,
                       idx_t c1, idx_t part, int op, double m, double* la,
                       double* lb) noexcept nogil:
     """Feed one chunk to the lanes: ``[c0, c1)``, or with ``part > 0`` the FBN_STREAMS
@@ -584,21 +584,16 @@ cdef void _nchw_chunk_prefetch(const floating* x, idx_t S, idx_t CS, idx_t c0, i
         _nchw_prefetch(x, S, CS, c0 + j * part, c1 + j * part)
 
 
-cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
+cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
                         double* cnt, double* mean, double* m2) noexcept nogil:
-    """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk.
+    """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk, in order.
 
     Each chunk (in cache) is centred on ``K``: the mean of the chunks before it, or, for
     the first chunk, its own float64 mean (one extra loop). Then ``sd = sum(x - K)`` and
     ``sdd = sum((x - K)**2)`` give the exact partial ``(k, K + sd/k, sdd - sd**2/k)``,
-    merged with Chan's formula in chunk order. A long range is read as streams
-    (``_nchw_part``): chunk ``j`` is then quarter ``j`` of each part; the rest follows in
-    ordinary chunks.
+    merged with Chan's formula in chunk order.
     """
-    cdef idx_t part = _nchw_part(S, a, b)
-    cdef idx_t q = _NCHW_CHUNK // FBN_STREAMS if part else _NCHW_CHUNK
-    cdef idx_t end = a + part if part else b
-    cdef idx_t ca, cb, nq, nb, pa
+    cdef idx_t ca, cb, i, n, s, L
     cdef double k, kc, sd, sdd, cm2
     cdef double lanes[16]
     cdef double lanes2[16]
@@ -607,28 +602,41 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
     m2[0] = 0.0
     ca = a
     while ca < b:
-        pa = part if ca < end else 0
-        cb = ca + (q if pa else _NCHW_CHUNK)
-        if cb > (end if pa else b):
-            cb = end if pa else b
-        k = <double>((cb - ca) * (FBN_STREAMS if pa else 1))
+        cb = ca + _NCHW_CHUNK
+        if cb > b:
+            cb = b
+        k = <double>(cb - ca)
         if ca == a:
             _zero(lanes)
-            _nchw_chunk(x, x, S, CS, ca, cb, pa, 0, 0.0, lanes, lanes)
+            i = ca
+            n = i // S
+            s = i - n * S
+            while i < cb:
+                L = S - s
+                if L > cb - i:
+                    L = cb - i
+                _acc_sum(x + n * CS + s, L, lanes)
+                i += L
+                n += 1
+                s = 0
             kc = _fold(lanes) / k
         else:
             kc = mean[0]
         # The next chunk streams in from memory while this one is worked on in cache.
-        if pa and cb < end:
-            nb = cb + q
-            _nchw_chunk_prefetch(x, S, CS, cb, nb if nb < end else end, pa)
-        elif cb < b:
-            nq = (a + FBN_STREAMS * part) if pa else cb
-            nb = nq + _NCHW_CHUNK
-            _nchw_prefetch(x, S, CS, nq, nb if nb < b else b)
+        _nchw_prefetch(x, S, CS, cb, cb + _NCHW_CHUNK if cb + _NCHW_CHUNK < b else b)
         _zero(lanes)
         _zero(lanes2)
-        _nchw_chunk(x, x, S, CS, ca, cb, pa, 1, kc, lanes, lanes2)
+        i = ca
+        n = i // S
+        s = i - n * S
+        while i < cb:
+            L = S - s
+            if L > cb - i:
+                L = cb - i
+            _acc_dev_sq(x + n * CS + s, L, kc, lanes, lanes2)
+            i += L
+            n += 1
+            s = 0
         sd = _fold(lanes)
         sdd = _fold(lanes2)
         cm2 = sdd - sd * sd / k
@@ -636,8 +644,54 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
             cm2 = 0.0
         _chan(cnt, mean, m2, k, kc + sd / k, cm2)
         ca = cb
-        if ca == end and pa:
-            ca = a + FBN_STREAMS * part
+
+
+cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
+                        double* cnt, double* mean, double* m2) noexcept nogil:
+    """``_nchw_moments_run``; a long range starts with streams (``_nchw_part``).
+
+    The streamed parts go chunk by chunk too: chunk ``j`` is the ``j``-th run of
+    ``NCHW_CHUNK / FBN_STREAMS`` values of every part, centred and merged as in
+    ``_nchw_moments_run``; the rest of the range is merged after them (Chan).
+    """
+    cdef idx_t part = _nchw_part(S, a, b)
+    cdef idx_t q = _NCHW_CHUNK // FBN_STREAMS
+    cdef idx_t end = a + part, ca, cb
+    cdef double k, kc, sd, sdd, cm2, rn, rm, rm2
+    cdef double lanes[16]
+    cdef double lanes2[16]
+    if part == 0:
+        _nchw_moments_run(x, S, CS, a, b, cnt, mean, m2)
+        return
+    cnt[0] = 0.0
+    mean[0] = 0.0
+    m2[0] = 0.0
+    ca = a
+    while ca < end:
+        cb = ca + q if ca + q < end else end
+        k = <double>((cb - ca) * FBN_STREAMS)
+        if ca == a:
+            _zero(lanes)
+            _nchw_chunk(x, x, S, CS, ca, cb, part, 0, 0.0, lanes, lanes)
+            kc = _fold(lanes) / k
+        else:
+            kc = mean[0]
+        # The next chunk streams in from memory while this one is worked on in cache.
+        if cb < end:
+            _nchw_chunk_prefetch(x, S, CS, cb, cb + q if cb + q < end else end, part)
+        _zero(lanes)
+        _zero(lanes2)
+        _nchw_chunk(x, x, S, CS, ca, cb, part, 1, kc, lanes, lanes2)
+        sd = _fold(lanes)
+        sdd = _fold(lanes2)
+        cm2 = sdd - sd * sd / k
+        if cm2 < 0.0:
+            cm2 = 0.0
+        _chan(cnt, mean, m2, k, kc + sd / k, cm2)
+        ca = cb
+    if a + FBN_STREAMS * part < b:
+        _nchw_moments_run(x, S, CS, a + FBN_STREAMS * part, b, &rn, &rm, &rm2)
+        _chan(cnt, mean, m2, rn, rm, rm2)
 
 
 cdef inline void _rows_apply_nt(const floating* x, floating* y, idx_t nr, idx_t S, idx_t C,
