@@ -28,89 +28,109 @@
         for (int v_ = 0; v_ < FBN_NV; v_++) fbn_storeu((p) + v_ * FBN_W, V[v_])
 #endif
 
-#define FBN_DEFINE_LANES(SUFFIX, T, LOADV)                                                   \
-    static inline void fastbn_acc_sum_##SUFFIX(const T* p, ptrdiff_t n, double* a) {         \
-        ptrdiff_t i = 0, n16 = n - n % 16;                                                   \
-        FBN_SIMD_SUM(LOADV)                                                                  \
-        for (; i < n16; i += 16)                                                             \
-            for (int l = 0; l < 16; l++) a[l] += (double)p[i + l];                           \
-        for (; i < n; i++) a[i - n16] += (double)p[i];                                       \
-    }                                                                                        \
-    static inline void fastbn_acc_dev_sq_##SUFFIX(const T* p, ptrdiff_t n, double m,         \
-                                                  double* a, double* b) {                    \
-        ptrdiff_t i = 0, n16 = n - n % 16;                                                   \
-        double t;                                                                            \
-        FBN_SIMD_DEV_SQ(LOADV)                                                               \
-        for (; i < n16; i += 16)                                                             \
+/* The walk: BODY for each group of 16 values starting at q, for the groups of the run's
+ * first n - n % 16 values. A long run is read as FBN_STREAMS interleaved streams: its first
+ * FBN_STREAMS * P values are FBN_STREAMS parts of P values (P a multiple of FBN_PIECE, at
+ * least FBN_STREAM_MIN), taken FBN_PIECE values of each part in turn; the rest follows in
+ * order. On the project machine one core reads memory faster from four places at once
+ * than from one (see _simd.h). Value i still goes to lane i % 16; only the order of the
+ * additions into a lane differs from a plain walk, and it depends on n alone. */
+#define FBN_PIECE 64
+#define FBN_GROUPS(n, q, BODY)                                                               \
+    {                                                                                        \
+        ptrdiff_t n16_ = (n) - (n) % 16, P_ = fbn_stream_part(n16_, FBN_PIECE);              \
+        for (ptrdiff_t k_ = 0; k_ < P_; k_ += FBN_PIECE)                                     \
+            for (int s_ = 0; s_ < FBN_STREAMS; s_++)                                         \
+                for (ptrdiff_t q = s_ * P_ + k_; q < s_ * P_ + k_ + FBN_PIECE; q += 16)      \
+                    BODY                                                                     \
+        for (ptrdiff_t q = FBN_STREAMS * P_; q < n16_; q += 16)                              \
+            BODY                                                                             \
+    }
+
+#if FASTBN_SIMD
+    #define FBN_SUM_GROUPS(LOADV)                                                            \
+        fbn_vd va[FBN_NV];                                                                   \
+        FBN_LOAD_LANES(va, a);                                                               \
+        FBN_GROUPS(n, q, {                                                                   \
+            for (int v = 0; v < FBN_NV; v++)                                                 \
+                va[v] = fbn_add(va[v], LOADV(p + q + v * FBN_W));                            \
+        })                                                                                   \
+        FBN_STORE_LANES(a, va);
+    #define FBN_DEV_SQ_GROUPS(LOADV)                                                         \
+        fbn_vd va[FBN_NV], vb[FBN_NV], vm = fbn_set1(m), d;                                  \
+        FBN_LOAD_LANES(va, a);                                                               \
+        FBN_LOAD_LANES(vb, b);                                                               \
+        FBN_GROUPS(n, q, {                                                                   \
+            for (int v = 0; v < FBN_NV; v++) {                                               \
+                d = fbn_sub(LOADV(p + q + v * FBN_W), vm);                                   \
+                va[v] = fbn_add(va[v], d);                                                   \
+                vb[v] = fbn_add(vb[v], fbn_mul(d, d));                                       \
+            }                                                                                \
+        })                                                                                   \
+        FBN_STORE_LANES(a, va);                                                              \
+        FBN_STORE_LANES(b, vb);
+    #define FBN_SUM_DOT_GROUPS(LOADV)                                                        \
+        fbn_vd va[FBN_NV], vb[FBN_NV], vm = fbn_set1(m), gv;                                 \
+        FBN_LOAD_LANES(va, a);                                                               \
+        FBN_LOAD_LANES(vb, b);                                                               \
+        FBN_GROUPS(n, q, {                                                                   \
+            for (int v = 0; v < FBN_NV; v++) {                                               \
+                gv = LOADV(g + q + v * FBN_W);                                               \
+                va[v] = fbn_add(va[v], gv);                                                  \
+                vb[v] = fbn_add(vb[v], fbn_mul(gv, fbn_sub(LOADV(p + q + v * FBN_W), vm)));  \
+            }                                                                                \
+        })                                                                                   \
+        FBN_STORE_LANES(a, va);                                                              \
+        FBN_STORE_LANES(b, vb);
+#else
+    #define FBN_SUM_GROUPS(LOADV)                                                            \
+        FBN_GROUPS(n, q, {                                                                   \
+            for (int l = 0; l < 16; l++) a[l] += (double)p[q + l];                           \
+        })
+    #define FBN_DEV_SQ_GROUPS(LOADV)                                                         \
+        FBN_GROUPS(n, q, {                                                                   \
             for (int l = 0; l < 16; l++) {                                                   \
-                t = (double)p[i + l] - m;                                                    \
+                double t = (double)p[q + l] - m;                                             \
                 a[l] += t;                                                                   \
                 b[l] += t * t;                                                               \
             }                                                                                \
-        for (; i < n; i++) {                                                                 \
-            t = (double)p[i] - m;                                                            \
+        })
+    #define FBN_SUM_DOT_GROUPS(LOADV)                                                        \
+        FBN_GROUPS(n, q, {                                                                   \
+            for (int l = 0; l < 16; l++) {                                                   \
+                a[l] += (double)g[q + l];                                                    \
+                b[l] += (double)g[q + l] * ((double)p[q + l] - m);                           \
+            }                                                                                \
+        })
+#endif
+
+/* Each function: the groups (SIMD or plain, same additions), then the last n % 16 values
+ * into lanes 0, 1, ... */
+#define FBN_DEFINE_LANES(SUFFIX, T, LOADV)                                                   \
+    static inline void fastbn_acc_sum_##SUFFIX(const T* p, ptrdiff_t n, double* a) {         \
+        ptrdiff_t n16 = n - n % 16;                                                          \
+        FBN_SUM_GROUPS(LOADV)                                                                \
+        for (ptrdiff_t i = n16; i < n; i++) a[i - n16] += (double)p[i];                      \
+    }                                                                                        \
+    static inline void fastbn_acc_dev_sq_##SUFFIX(const T* p, ptrdiff_t n, double m,         \
+                                                  double* a, double* b) {                    \
+        ptrdiff_t n16 = n - n % 16;                                                          \
+        FBN_DEV_SQ_GROUPS(LOADV)                                                             \
+        for (ptrdiff_t i = n16; i < n; i++) {                                                \
+            double t = (double)p[i] - m;                                                     \
             a[i - n16] += t;                                                                 \
             b[i - n16] += t * t;                                                             \
         }                                                                                    \
     }                                                                                        \
     static inline void fastbn_acc_sum_dot_##SUFFIX(const T* g, const T* p, ptrdiff_t n,      \
                                                    double m, double* a, double* b) {         \
-        ptrdiff_t i = 0, n16 = n - n % 16;                                                   \
-        FBN_SIMD_SUM_DOT(LOADV)                                                              \
-        for (; i < n16; i += 16)                                                             \
-            for (int l = 0; l < 16; l++) {                                                   \
-                a[l] += (double)g[i + l];                                                    \
-                b[l] += (double)g[i + l] * ((double)p[i + l] - m);                           \
-            }                                                                                \
-        for (; i < n; i++) {                                                                 \
+        ptrdiff_t n16 = n - n % 16;                                                          \
+        FBN_SUM_DOT_GROUPS(LOADV)                                                            \
+        for (ptrdiff_t i = n16; i < n; i++) {                                                \
             a[i - n16] += (double)g[i];                                                      \
             b[i - n16] += (double)g[i] * ((double)p[i] - m);                                 \
         }                                                                                    \
     }
-
-#if FASTBN_SIMD
-    #define FBN_SIMD_SUM(LOADV)                                                              \
-        {                                                                                    \
-            fbn_vd va[FBN_NV];                                                               \
-            FBN_LOAD_LANES(va, a);                                                           \
-            for (; i < n16; i += 16)                                                         \
-                for (int v = 0; v < FBN_NV; v++)                                             \
-                    va[v] = fbn_add(va[v], LOADV(p + i + v * FBN_W));                        \
-            FBN_STORE_LANES(a, va);                                                          \
-        }
-    #define FBN_SIMD_DEV_SQ(LOADV)                                                           \
-        {                                                                                    \
-            fbn_vd va[FBN_NV], vb[FBN_NV], vm = fbn_set1(m), d;                              \
-            FBN_LOAD_LANES(va, a);                                                           \
-            FBN_LOAD_LANES(vb, b);                                                           \
-            for (; i < n16; i += 16)                                                         \
-                for (int v = 0; v < FBN_NV; v++) {                                           \
-                    d = fbn_sub(LOADV(p + i + v * FBN_W), vm);                               \
-                    va[v] = fbn_add(va[v], d);                                               \
-                    vb[v] = fbn_add(vb[v], fbn_mul(d, d));                                   \
-                }                                                                            \
-            FBN_STORE_LANES(a, va);                                                          \
-            FBN_STORE_LANES(b, vb);                                                          \
-        }
-    #define FBN_SIMD_SUM_DOT(LOADV)                                                          \
-        {                                                                                    \
-            fbn_vd va[FBN_NV], vb[FBN_NV], vm = fbn_set1(m), gv;                             \
-            FBN_LOAD_LANES(va, a);                                                           \
-            FBN_LOAD_LANES(vb, b);                                                           \
-            for (; i < n16; i += 16)                                                         \
-                for (int v = 0; v < FBN_NV; v++) {                                           \
-                    gv = LOADV(g + i + v * FBN_W);                                           \
-                    va[v] = fbn_add(va[v], gv);                                              \
-                    vb[v] = fbn_add(vb[v], fbn_mul(gv, fbn_sub(LOADV(p + i + v * FBN_W), vm))); \
-                }                                                                            \
-            FBN_STORE_LANES(a, va);                                                          \
-            FBN_STORE_LANES(b, vb);                                                          \
-        }
-#else
-    #define FBN_SIMD_SUM(LOADV)
-    #define FBN_SIMD_DEV_SQ(LOADV)
-    #define FBN_SIMD_SUM_DOT(LOADV)
-#endif
 
 FBN_DEFINE_LANES(f32, float, fbn_loadf)
 FBN_DEFINE_LANES(f64, double, fbn_loadd)

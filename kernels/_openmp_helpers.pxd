@@ -82,6 +82,14 @@ cdef extern from "_stream_stores.h":
     bint FASTBN_STREAM_STORES
     void fastbn_sfence() noexcept nogil
     long fastbn_l2_bytes() noexcept nogil
+    void fastbn_apply_rows_nt_f32(const float* x, float* y, Py_ssize_t nr, Py_ssize_t S,
+                                  Py_ssize_t C, Py_ssize_t c0,
+                                  const double* m, const double* sc,
+                                  const double* b) noexcept nogil
+    void fastbn_apply_rows_nt_f64(const double* x, double* y, Py_ssize_t nr, Py_ssize_t S,
+                                  Py_ssize_t C, Py_ssize_t c0,
+                                  const double* m, const double* sc,
+                                  const double* b) noexcept nogil
     void fastbn_apply_nt_f32(const float* x, float* y, Py_ssize_t n, double m, double sc,
                              double b) noexcept nogil
     void fastbn_apply_nt_f64(const double* x, double* y, Py_ssize_t n, double m, double sc,
@@ -92,6 +100,7 @@ cdef extern from "_stream_stores.h":
                           double m, double k, double a, double q) noexcept nogil
     # NHWC runs of whole rows; the constants are wrapped tables (fastbn_wrap).
     enum: FBN_SBLOCK
+    enum: FBN_STREAMS
     void fastbn_wrap(double* t, const double* v, Py_ssize_t C) noexcept nogil
     void fastbn_apply_cols_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C,
                                   const double* m, const double* sc,

@@ -36,7 +36,8 @@ EPS = 1e-5
 # Shapes chosen around the fixed grid: C=1, M=1 and 2, odd sizes, sizes that do not divide
 # the chunks (4096 values per NCHW chunk, 32768 // C rows per NHWC chunk), NCHW channels cut
 # into several stripes (C < 16 and M >= 32 chunks), NHWC stripes with a short last one,
-# NHWC with C larger than a chunk (one row per chunk).
+# NHWC with C larger than a chunk (one row per chunk), NCHW channels read as interleaved
+# streams (whole, and in stripes).
 NCHW_SHAPES = [
     (1, 1, 1),
     (1, 1, 2),
@@ -51,6 +52,8 @@ NCHW_SHAPES = [
     (3, 2, 50001),
     (7, 3, 30011),
     (1, 1, 600_001),
+    (16, 16, 1100),
+    (100, 2, 1400),
 ]
 NHWC_SHAPES = [
     (1, 1),
@@ -267,6 +270,9 @@ def test_grid_covers_stripes() -> None:
     # Short NCHW rows: several channels per fused unit, and several units.
     assert any(g["group"] > 1 for g in nchw)
     assert any(1 < g["group"] < s[1] for g, s in zip(nchw, NCHW_SHAPES, strict=True))
+    # Channels read as interleaved streams, whole and in stripes.
+    assert any(g["streams"] and g["fused"] and g["group"] == 1 for g in nchw)
+    assert any(g["streams"] and g["stripes"] > 1 for g in nchw)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -462,6 +468,9 @@ def _unaligned_like(x: np.ndarray, shift: int) -> np.ndarray:
         ("nchw", (3, 5, 37)),
         ("nchw", (2, 3, 4099)),
         ("nchw", (3, 2, 50001)),
+        # rows walked as interleaved streams: normalize's row blocks, whole channels
+        ("nchw", (16, 4, 300)),
+        ("nchw", (9, 16, 1100)),
         ("nhwc", (301, 5)),
         ("nhwc", (97, 67)),
         ("nhwc", (40, 256)),
