@@ -18,7 +18,10 @@ from .numba_cpu import (
     GROUP_CACHE,
     GROUP_MAX,
     GROUP_VALUES,
+    MAX_STRIPES,
     NHWC_CHUNK,
+    STREAM_PART_MIN,
+    STREAM_PARTS,
     _cache_enabled,
 )
 
@@ -148,8 +151,9 @@ def cols_dx(db, xb, mean, k, shift, proj, outb):
 # lines; see _numba_stream and the Cython kernels' store rule): ordinary stores up to the
 # first cache line of the output, then blocks of BLOCK values, then ordinary stores. A run
 # is one row of one channel (scalar constants, n_ch = 1) or whole rows of n_ch channels
-# (NHWC; the constants are wrapped tables, t[j] = t[j % n_ch]). The expressions are those
-# of the plain loops, hence the same bits.
+# (NHWC; the constants are wrapped tables, t[j] = t[j % n_ch]); a long body is written as
+# interleaved parts (stream_part). The expressions are those of the plain loops, hence the
+# same bits.
 
 
 @inline
@@ -159,6 +163,14 @@ def line_head(out, n):
     if addr % out.itemsize:
         return n
     return min(n, (LINE - addr % LINE) % LINE // out.itemsize)
+
+
+@inline
+def stream_part(n):
+    """Blocks per part when a body of n values is written as STREAM_PARTS interleaved parts
+    (block t of the walk is block t // STREAM_PARTS of part t % STREAM_PARTS); 0: in order."""
+    q = n // (STREAM_PARTS * BLOCK)
+    return q if q * BLOCK >= STREAM_PART_MIN else 0
 
 
 @serial
@@ -171,6 +183,12 @@ def stream_normalize(xf, yf, m, sc, b, n_ch):
         yf[i] = (xf[i] - at(m, c)) * at(sc, c) + at(b, c)
         c = c + 1 if c + 1 < n_ch else 0
     i = h
+    q = stream_part(n - i)
+    for t in range(q * STREAM_PARTS):
+        p = (t % STREAM_PARTS) * q + t // STREAM_PARTS
+        stream_apply(xf, yf, i + p * BLOCK, m, sc, b, (c + p * BLOCK) % n_ch)
+    i += q * STREAM_PARTS * BLOCK
+    c = (c + q * STREAM_PARTS * BLOCK) % n_ch
     while i + BLOCK <= n:
         stream_apply(xf, yf, i, m, sc, b, c)
         i += BLOCK
@@ -190,6 +208,12 @@ def stream_grad(gf, xf, df, m, k, a, q, n_ch):
         df[i] = at(k, c) * (gf[i] - at(a, c) - (xf[i] - at(m, c)) * at(q, c))
         c = c + 1 if c + 1 < n_ch else 0
     i = h
+    nb = stream_part(n - i)
+    for t in range(nb * STREAM_PARTS):
+        p = (t % STREAM_PARTS) * nb + t // STREAM_PARTS
+        stream_dx(gf, xf, df, i + p * BLOCK, m, k, a, q, (c + p * BLOCK) % n_ch)
+    i += nb * STREAM_PARTS * BLOCK
+    c = (c + nb * STREAM_PARTS * BLOCK) % n_ch
     while i + BLOCK <= n:
         stream_dx(gf, xf, df, i, m, k, a, q, c)
         i += BLOCK
@@ -383,10 +407,76 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
             block_normalize(x[n, c0:c1], m[:gl], t[:gl], bias[c0:c1], y[n, c0:c1], stream)
 
 
+@serial
+def rows_stream_normalize(xr, yr, c0, mean, scale, bias):
+    """Streamed normalize of consecutive rows xr (nr, S), row r in channel (c0 + r) % C.
+
+    A row alone is too short for stream_part, so the rows are cut into STREAM_PARTS parts
+    of consecutive rows written a block of each in turn (each row: ordinary stores up to its
+    first cache line, streamed blocks, an ordinary tail), as the Cython kernels do.
+    """
+    nr, s = xr.shape
+    n_ch = mean.shape[0]
+    q = nr // STREAM_PARTS
+    if q == 0 or q * s < STREAM_PART_MIN:
+        for r in range(nr):
+            c = (c0 + r) % n_ch
+            stream_normalize(xr[r], yr[r], mean[c], scale[c], bias[c], 1)
+        return
+    row = np.empty(STREAM_PARTS, np.int64)
+    pos = np.zeros(STREAM_PARTS, np.int64)
+    end = np.empty(STREAM_PARTS, np.int64)
+    for p in range(STREAM_PARTS):
+        row[p] = p * q
+        end[p] = nr if p == STREAM_PARTS - 1 else (p + 1) * q
+    live = True
+    while live:
+        live = False
+        for p in range(STREAM_PARTS):
+            r = row[p]
+            if r == end[p]:
+                continue
+            live = True
+            c = (c0 + r) % n_ch
+            m = mean[c]
+            sc = scale[c]
+            b = bias[c]
+            x1 = xr[r]
+            y1 = yr[r]
+            i = pos[p]
+            if i == 0:
+                i = line_head(y1, s)
+                for j in range(i):
+                    y1[j] = (x1[j] - m) * sc + b
+            if i + BLOCK <= s:
+                stream_apply(x1, y1, i, m, sc, b, 0)
+                i += BLOCK
+            else:
+                for j in range(i, s):
+                    y1[j] = (x1[j] - m) * sc + b
+                i = s
+            if i == s:
+                row[p] = r + 1
+                i = 0
+            pos[p] = i
+
+
 @parallel
 def nchw_normalize(x, mean, scale, bias, y, stream):
-    """y = (x - mean) * scale + bias, one (sample, channel group) block per work unit."""
+    """y = (x - mean) * scale + bias, one (sample, channel group) block per work unit;
+    streamed: MAX_STRIPES blocks of consecutive rows (rows_stream_normalize)."""
     n_rows, n_ch, s = x.shape
+    if stream:
+        rows = n_rows * n_ch
+        x2 = x.reshape(rows, s)
+        y2 = y.reshape(rows, s)
+        parts = min(MAX_STRIPES, rows)
+        for p in prange(parts):
+            r0 = p * rows // parts
+            r1 = (p + 1) * rows // parts
+            rows_stream_normalize(x2[r0:r1], y2[r0:r1], r0 % n_ch, mean, scale, bias)
+            fence()
+        return
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
     for u in prange(n_rows * ng):

@@ -60,6 +60,11 @@ GROUP_CACHE = 131072
 STREAM_MIN_RUN = 256
 #: Values per streamed block (4 cache lines of float32).
 STREAM_BLOCK = 64
+#: A long streamed run is written as STREAM_PARTS interleaved parts, a block of each in turn,
+#: when each part has at least STREAM_PART_MIN values (as FBN_STREAMS and FBN_STREAM_MIN of
+#: the Cython kernels: one core streams faster to and from four places at once).
+STREAM_PARTS = 4
+STREAM_PART_MIN = 1024
 
 # Reassociation lets LLVM vectorize the float64 accumulations of the row-reduction
 # primitives (only those are compiled with it, see _numba_kernels); it is decided at compile
