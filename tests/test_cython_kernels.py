@@ -36,8 +36,8 @@ EPS = 1e-5
 # Shapes chosen around the fixed grid: C=1, M=1 and 2, odd sizes, sizes that do not divide
 # the chunks (4096 values per NCHW chunk, 32768 // C rows per NHWC chunk), NCHW channels cut
 # into several stripes (C < 16 and M >= 32 chunks), NHWC stripes with a short last one,
-# NHWC with C larger than a chunk (one row per chunk), NCHW channels read as interleaved
-# streams (whole, and in stripes).
+# NHWC with C larger than a chunk (one row per chunk), NCHW channels (whole, and in
+# stripes) and NHWC stripes read as interleaved streams.
 NCHW_SHAPES = [
     (1, 1, 1),
     (1, 1, 2),
@@ -70,6 +70,7 @@ NHWC_SHAPES = [
     (100, 8193),
     (3, 40_000),
     (2049, 129),
+    (1600, 2000),
 ]
 CASES = [("nchw", s) for s in NCHW_SHAPES] + [("nhwc", s) for s in NHWC_SHAPES]
 
@@ -273,6 +274,7 @@ def test_grid_covers_stripes() -> None:
     # Channels read as interleaved streams, whole and in stripes.
     assert any(g["streams"] and g["fused"] and g["group"] == 1 for g in nchw)
     assert any(g["streams"] and g["stripes"] > 1 for g in nchw)
+    assert any(g["streams"] > 1 and g["chunk"] > 1 for g in nhwc)
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
