@@ -20,6 +20,7 @@ from .numba_cpu import (
     GROUP_VALUES,
     MAX_STRIPES,
     NHWC_CHUNK,
+    NHWC_ROW_MIN_C,
     STREAM_PART_MIN,
     STREAM_PARTS,
     _cache_enabled,
@@ -565,6 +566,57 @@ def nchw_dx(dy, x, mean, k, shift, proj, dx, stream):
 # ---------------------------------------------------------------- nhwc
 
 
+@reduction
+def rows_add(x, r0, r1, d, acc):
+    """acc[j] += x[r + i*d, j] for r in [r0, r1), i = 0 .. STREAM_PARTS - 1 in turn."""
+    for r in range(r0, r1):
+        for j in range(x.shape[1]):
+            a = acc[j]
+            for i in range(STREAM_PARTS):
+                a += x[r + i * d, j]
+            acc[j] = a
+
+
+@reduction
+def rows_deviations(x, r0, r1, d, m, sd, sq):
+    """rows_add's walk: sd[j] += x - m[j], sq[j] += (x - m[j])**2."""
+    for r in range(r0, r1):
+        for j in range(x.shape[1]):
+            a = sd[j]
+            b = sq[j]
+            for i in range(STREAM_PARTS):
+                dev = x[r + i * d, j] - m[j]
+                a += dev
+                b += dev * dev
+            sd[j] = a
+            sq[j] = b
+
+
+@reduction
+def rows_grad_sums(dy, x, r0, r1, d, mean, a, b):
+    """rows_add's walk: a[j] += dy, b[j] += dy * (x - mean[j])."""
+    for r in range(r0, r1):
+        for j in range(x.shape[1]):
+            sa = a[j]
+            sb = b[j]
+            for i in range(STREAM_PARTS):
+                g = dy[r + i * d, j] * 1.0
+                sa += g
+                sb += g * (x[r + i * d, j] - mean[j])
+            a[j] = sa
+            b[j] = sb
+
+
+@inline
+def row_parts(n_ch, rows, r0, r1):
+    """Rows per part when rows [r0, r1) are read as STREAM_PARTS parts of whole chunks of
+    `rows` rows (0: in order). One core reads memory faster from four places at once; the
+    accumulators are loaded and stored once per STREAM_PARTS rows (see rows_add)."""
+    if n_ch < NHWC_ROW_MIN_C:
+        return 0
+    return (r1 - r0) // (STREAM_PARTS * rows) * rows
+
+
 @parallel
 def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
     """Stripe p folds its row chunks into counts[p], means[p, :], m2s[p, :].
@@ -572,9 +624,13 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
     A chunk's deviations are taken from ``K``: the chunk's own mean for the first chunk of
     the stripe (one extra pass), then the stripe's running mean (one pass: ``sd = sum(x -
     K)`` and ``sq = sum((x - K)**2)`` give the partial ``(nb, K + sd/nb, sq - sd**2/nb)``).
+    A stripe of rows of at least NHWC_ROW_MIN_C channels starts with STREAM_PARTS parts
+    (row_parts) read a row of each in turn: chunk i is then rows [i*sb, (i+1)*sb) of every
+    part (sb = rows / STREAM_PARTS); the rest follows in ordinary chunks.
     """
     n_rows, n_ch = x.shape
     nchunks = (n_rows + rows - 1) // rows
+    sb = max(1, rows // STREAM_PARTS)
     for p in prange(stripes):
         pm = means[p]
         pm2 = m2s[p]
@@ -584,18 +640,33 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
         sd = np.empty(n_ch)
         sq = np.empty(n_ch)
         cnt = 0.0
-        for k in range(p * nchunks // stripes, (p + 1) * nchunks // stripes):
-            r0 = k * rows
-            r1 = min(n_rows, r0 + rows)
-            nb = float(r1 - r0)
+        start = p * nchunks // stripes * rows
+        stop = min(n_rows, (p + 1) * nchunks // stripes * rows)
+        part = row_parts(n_ch, rows, start, stop)
+        ra = start
+        while ra < stop:
+            if ra < start + part:
+                rb = min(ra + sb, start + part)
+                nb = float((rb - ra) * STREAM_PARTS)
+            else:
+                rb = min(ra + rows, stop)
+                nb = float(rb - ra)
+            streamed = ra < start + part
             if cnt == 0.0:
-                cols_add(x[r0:r1], kc)
+                if streamed:
+                    kc[:] = 0.0
+                    rows_add(x, ra, rb, part, kc)
+                else:
+                    cols_add(x[ra:rb], kc)
                 kc /= nb
             else:
                 kc[:] = pm
             sd[:] = 0.0
             sq[:] = 0.0
-            cols_deviations(x[r0:r1], kc, sd, sq)
+            if streamed:
+                rows_deviations(x, ra, rb, part, kc, sd, sq)
+            else:
+                cols_deviations(x[ra:rb], kc, sd, sq)
             n = cnt + nb
             f = nb / n
             g = cnt * f
@@ -604,6 +675,9 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
                 pm[j] += delta * f
                 pm2[j] += sq[j] - sd[j] * sd[j] / nb + delta * delta * g
             cnt = n
+            ra = rb
+            if streamed and ra == start + part:
+                ra = start + STREAM_PARTS * part
         counts[p] = cnt
 
 
@@ -654,6 +728,9 @@ def nhwc_backward_reduce_stripes(dy, x, mean, stripes, sums_dy, sums_dy_xmu):
         b[:] = 0.0
         r0 = p * n_rows // stripes
         r1 = (p + 1) * n_rows // stripes
+        part = (r1 - r0) // STREAM_PARTS if x.shape[1] >= NHWC_ROW_MIN_C else 0
+        rows_grad_sums(dy, x, r0, r0 + part, part, mean, a, b)
+        r0 += STREAM_PARTS * part
         cols_grad_sums(dy[r0:r1], x[r0:r1], mean, a, b)
 
 

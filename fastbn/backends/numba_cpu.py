@@ -40,6 +40,9 @@ CHUNK = 4096
 #: Values per chunk of whole rows (NHWC); a chunk's per-channel bookkeeping (shift, merge)
 #: costs O(C), so a chunk holds many rows whatever C (the Cython kernels' value).
 NHWC_CHUNK = 32768
+#: NHWC rows of at least this many channels are read as STREAM_PARTS interleaved streams of
+#: rows by the statistics and the backward sums (``row_parts`` of _numba_kernels).
+NHWC_ROW_MIN_C = 64
 #: Upper bound on the number of stripes a reduction is split into (temporary memory
 #: is O(C * MAX_STRIPES)).
 MAX_STRIPES = 16
