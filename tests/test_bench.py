@@ -823,3 +823,34 @@ def test_copy_bandwidth_reports_methods() -> None:
 def test_uses_the_public_api_only() -> None:
     for name in ("batch_norm", "batch_norm_train", "batch_norm_backward", "num_threads"):
         assert hasattr(fastbn, name)
+
+
+def test_thread_counts_are_timed_in_the_same_rounds(monkeypatch: Any) -> None:
+    """Each case's entries at every thread count are timed by one interleaved call, each
+    implementation running at its own count."""
+    from fastbn.bench import timing
+
+    calls: list[set[int]] = []
+    seen: list[tuple[int, int]] = []
+    real_time, real_make = timing.time_entries, timing.make_callable
+
+    def spy(entries: list[Any], *args: Any, **kwargs: Any) -> None:
+        calls.append({e.threads for e in entries})
+        real_time(entries, *args, **kwargs)
+
+    def make(impl: str, case: Any, data: Any, mode: str = "fresh", threads: int = 1) -> Any:
+        func = real_make(impl, case, data, mode, threads)
+
+        def probe() -> object:
+            seen.append((threads, fastbn.get_num_threads()))
+            return func()
+
+        return probe
+
+    monkeypatch.setattr(timing, "time_entries", spy)
+    monkeypatch.setattr(timing, "make_callable", make)
+    argv = [*TINY, "--threads", "1,2", "--backend", fast_impls(), "--no-progress"]
+    assert bench.main(argv) == 0
+    assert calls and all(c == {1, 2} for c in calls)
+    assert {want for want, _ in seen} == {1, 2}
+    assert all(got == want for want, got in seen)

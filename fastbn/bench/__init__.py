@@ -17,7 +17,8 @@ Measurement
 * Shapes are always given channels-first, as PyTorch writes them: ``N,C[,spatial...]``.
   With ``--layout NHWC`` the benchmarked array is the channels-last ``(N, *spatial, C)``
   array of that logical shape (PyTorch gets it as a ``channels_last`` tensor without a copy).
-* For every case and thread count the implementations are timed *interleaved*: each one is
+* For every case the implementations, at every thread count of ``--threads``, are timed
+  *interleaved* (so the thread scaling also compares calls taken side by side): each one is
   first called ``--warmup`` times (JIT compilation, page faults and caches are excluded),
   then ``--repeat`` rounds call every implementation once, in an order rotated each round,
   with a short ``--pause`` before each call (at most that implementation's previous call

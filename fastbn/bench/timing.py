@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import os
 import statistics
@@ -53,6 +54,7 @@ class Entry:
     impl: str
     mode: str
     func: Callable[[], object]
+    threads: int = 1
     times: list[float] = field(default_factory=list)
     peak_extra: int | None = None
 
@@ -141,8 +143,9 @@ def time_entries(
             advance(1)
 
 
-def _plan(config: Config) -> list[tuple[Case, int, list[tuple[str, str]], list[str]]]:
-    """Every (case, threads) group with the (impl, mode) pairs and the floor modes it times.
+def _plan(config: Config) -> list[tuple[Case, list[tuple[str, str]], list[str]]]:
+    """Every case with the (impl, mode) pairs and the floor modes it times (at every count
+    of ``config.threads``).
 
     The floor is timed in every mode of ``config.modes`` and in ``fresh`` when a timed
     implementation has only that mode (NumPy, PyTorch), so every row has its floor.
@@ -157,8 +160,18 @@ def _plan(config: Config) -> list[tuple[Case, int, list[tuple[str, str]], list[s
         ]
         used = {mode for _, mode in pairs} | set(config.modes)
         floor_modes = [mode for mode in MODES if mode in used]
-        plan.extend((case, n, pairs, floor_modes) for n in config.threads)
+        plan.append((case, pairs, floor_modes))
     return plan
+
+
+def _at_threads(func: Callable[[], object], impls: list[str], n: int) -> Callable[[], object]:
+    """`func` called with fastbn's (and PyTorch's) thread count set to `n`."""
+
+    def call() -> object:
+        with thread_scope(impls, n):
+            return func()
+
+    return call
 
 
 def run(config: Config, console: Any = None) -> dict[str, Any]:
@@ -220,10 +233,8 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             "slow multi-threaded timings; see machine.loadavg for the end of the run)"
         )
     plan = _plan(config)
-    total = sum(
-        (len(pairs) + 1 + len(floor_modes)) * (config.warmup + config.repeat)
-        for _, _, pairs, floor_modes in plan
-    )
+    per_round = len(config.threads) * (config.warmup + config.repeat)
+    total = sum((len(pairs) + 1 + len(floor_modes)) * per_round for _, pairs, floor_modes in plan)
     results: list[dict[str, Any]] = []
     floors: list[dict[str, Any]] = []
     copy: dict[int, dict[str, Any]] = {}
@@ -244,7 +255,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             progress.advance(task)
         data: Data | None = None
         data_key: tuple[Any, ...] | None = None
-        for case, n, pairs, floor_modes in plan:
+        for case, pairs, floor_modes in plan:
             key = (case.shape, case.layout, case.dtype)
             if key != data_key:
                 data = None  # free the previous arrays first
@@ -252,17 +263,28 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                 data = make_data(case, config.seed, with_dy=with_dy)
                 data_key = key
             assert data is not None
-            progress.update(task, description=f"{case.id} {n}t")
-            with thread_scope(config.impls, n), ThreadPoolExecutor(n) as pool:
-                entries = [
-                    Entry(impl, mode, make_callable(impl, case, data, mode, n))
-                    for impl, mode in pairs
-                ]
-                entries.append(Entry(COPY, "out", copy_callable(data, n, pool)))
-                entries += [
-                    Entry(FLOOR, mode, floor_callable(case, data, mode, n, pool))
-                    for mode in floor_modes
-                ]
+            progress.update(task, description=case.id)
+            with contextlib.ExitStack() as stack:
+                # Every thread count of a case is timed in the same rounds, so that the
+                # thread scaling, too, compares calls taken side by side.
+                entries: list[Entry] = []
+                for n in config.threads:
+                    pool = stack.enter_context(ThreadPoolExecutor(n))
+                    with thread_scope(config.impls, n):
+                        entries += [
+                            Entry(impl, mode, make_callable(impl, case, data, mode, n), n)
+                            for impl, mode in pairs
+                        ]
+                    entries.append(Entry(COPY, "out", copy_callable(data, n, pool), n))
+                    entries += [
+                        Entry(FLOOR, mode, floor_callable(case, data, mode, n, pool), n)
+                        for mode in floor_modes
+                    ]
+                if len(config.threads) == 1:
+                    stack.enter_context(thread_scope(config.impls, config.threads[0]))
+                else:
+                    for entry in entries:
+                        entry.func = _at_threads(entry.func, config.impls, entry.threads)
                 time_entries(
                     entries,
                     config.repeat,
@@ -276,8 +298,10 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                             continue
                         if impl_kind(entry.impl) in ("fastbn", "baseline"):
                             entry.peak_extra = peak_extra_bytes(entry.func, case, entry.mode)
-            results.extend(_rows(case, n, entries, copy[n], l2))
-            floors.extend(_floor_rows(case, n, entries))
+            for n in config.threads:
+                at_n = [entry for entry in entries if entry.threads == n]
+                results.extend(_rows(case, n, at_n, copy[n], l2))
+                floors.extend(_floor_rows(case, n, at_n))
             del entries  # their closures hold the arrays: free them before the next shape
         data = None
     _add_ratios(results)
