@@ -548,17 +548,14 @@ cdef inline idx_t _nchw_part(idx_t S, idx_t a, idx_t b) noexcept nogil:
     return p
 
 
-cdef inline void _nchw_chunk(const floating* g, const floating* x, idx_t S, idx_t CS, idx_t c0,
-                      idx_t c1, idx_t part, int op, double m, double* la,
-                      double* lb) noexcept nogil:
-    """Feed one chunk to the lanes: ``[c0, c1)``, or with ``part > 0`` the FBN_STREAMS
-    spans ``[c0 + j*part, c1 + j*part)`` (the same row pieces, ``part`` being whole rows),
-    _PIECE values of each in turn."""
+cdef inline void _nchw_chunk(const floating* g, const floating* x, idx_t S, idx_t CS,
+                             idx_t c0, idx_t c1, idx_t part, int op, double m, double* la,
+                             double* lb) noexcept nogil:
+    """Feed the FBN_STREAMS spans ``[c0 + j*part, c1 + j*part)`` of one channel to the lanes
+    (as ``_nchw_span``), _PIECE values of each in turn; ``part`` is whole rows, so the spans
+    are the same row pieces of rows ``part / S`` apart."""
     cdef idx_t i, j, n, s, L, o, k, w
     cdef idx_t d = part // S * CS
-    if part == 0:
-        _nchw_span(g, x, S, CS, c0, c1, op, m, la, lb)
-        return
     i = c0
     n = i // S
     s = i - n * S
@@ -585,17 +582,16 @@ cdef inline void _nchw_chunk(const floating* g, const floating* x, idx_t S, idx_
 
 cdef void _nchw_chunk_prefetch(const floating* x, idx_t S, idx_t CS, idx_t c0, idx_t c1,
                                idx_t part) noexcept nogil:
+    """``_nchw_prefetch`` of the spans of ``_nchw_chunk``."""
     cdef idx_t j
-    if part == 0:
-        _nchw_prefetch(x, S, CS, c0, c1)
-        return
     for j in range(FBN_STREAMS):
         _nchw_prefetch(x, S, CS, c0 + j * part, c1 + j * part)
 
 
 cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
-                        double* cnt, double* mean, double* m2) noexcept nogil:
-    """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk, in order.
+                            double* cnt, double* mean, double* m2) noexcept nogil:
+    """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk, in
+    order.
 
     Each chunk (in cache) is centred on ``K``: the mean of the chunks before it, or, for
     the first chunk, its own float64 mean (one extra loop). Then ``sd = sum(x - K)`` and

@@ -1,8 +1,9 @@
 /* Sums over one contiguous run into 16 independent float64 lanes.
  *
  * The reductions of the NCHW kernels of _cython_kernels.pyx: value i of the run goes to
- * lane i % 16, in run order, so the order of the additions is fixed by the code whatever
- * the instruction set (and whatever the thread count). With SIMD (the macros of
+ * lane i % 16, in run order (a long run in the interleaved order of FBN_GROUPS), so the
+ * order of the additions is fixed by the code whatever the instruction set (and whatever
+ * the thread count). With SIMD (the macros of
  * _simd.h: 256-bit vectors in the x86-64-v3 build, 128-bit in the SSE2 one) the
  * 16 lanes live in 16 / FBN_W registers for the whole run; gcc's own vectorization of the
  * plain loops kept them in memory, a store-to-load chain per step, several times slower.

@@ -56,8 +56,8 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
 /* The body is computed block by block into a local buffer (FBN_SBLOCK doubles, plain C
  * expressions), then streamed: loads of x never follow the stores of the same block (see
  * _elementwise.h: interleaved, they stalled 3.5x when the output sits 16-63 bytes after the
- * input modulo 1 MiB). OUT is the output, EXPR the value at index j; STEP runs after each
- * block (the NHWC loops advance their channel). */
+ * input modulo 1 MiB). OUT is the output, EXPR the value at index j (of channel c + l in
+ * the NHWC loops). */
 #define FBN_SBLOCK 64
 #if FASTBN_STREAM_STORES
 /* One block: EXPR for j in [i, i + FBN_SBLOCK), channel c (NHWC), into OUT. */
