@@ -588,6 +588,19 @@ cdef void _nchw_chunk_prefetch(const floating* x, idx_t S, idx_t CS, idx_t c0, i
         _nchw_prefetch(x, S, CS, c0 + j * part, c1 + j * part)
 
 
+cdef inline void _merge_chunk(double* cnt, double* mean, double* m2, double k, double kc,
+                              const double* lanes, const double* lanes2) noexcept nogil:
+    """Merge a chunk of ``k`` values centred on ``kc`` (lanes: ``sum(x - kc)``, lanes2:
+    ``sum((x - kc)**2)``) into the partial ``(cnt, mean, m2)``: its exact
+    ``(k, kc + sd/k, sdd - sd**2/k)``, Chan's formula."""
+    cdef double sd = _fold(lanes)
+    cdef double sdd = _fold(lanes2)
+    cdef double cm2 = sdd - sd * sd / k
+    if cm2 < 0.0:
+        cm2 = 0.0
+    _chan(cnt, mean, m2, k, kc + sd / k, cm2)
+
+
 cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
                             double* cnt, double* mean, double* m2) noexcept nogil:
     """Exact (count, mean, M2) of the values ``[a, b)`` of one channel, chunk by chunk, in
@@ -599,7 +612,7 @@ cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t
     merged with Chan's formula in chunk order.
     """
     cdef idx_t ca, cb, i, n, s, L
-    cdef double k, kc, sd, sdd, cm2
+    cdef double k, kc
     cdef double lanes[16]
     cdef double lanes2[16]
     cnt[0] = 0.0
@@ -642,12 +655,7 @@ cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t
             i += L
             n += 1
             s = 0
-        sd = _fold(lanes)
-        sdd = _fold(lanes2)
-        cm2 = sdd - sd * sd / k
-        if cm2 < 0.0:
-            cm2 = 0.0
-        _chan(cnt, mean, m2, k, kc + sd / k, cm2)
+        _merge_chunk(cnt, mean, m2, k, kc, lanes, lanes2)
         ca = cb
 
 
@@ -662,7 +670,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
     cdef idx_t part = _nchw_part(S, a, b)
     cdef idx_t q = _NCHW_CHUNK // FBN_STREAMS
     cdef idx_t end = a + part, ca, cb
-    cdef double k, kc, sd, sdd, cm2, rn, rm, rm2
+    cdef double k, kc, rn, rm, rm2
     cdef double lanes[16]
     cdef double lanes2[16]
     if part == 0:
@@ -687,12 +695,7 @@ cdef void _nchw_moments(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t b,
         _zero(lanes)
         _zero(lanes2)
         _nchw_chunk(x, x, S, CS, ca, cb, part, 1, kc, lanes, lanes2)
-        sd = _fold(lanes)
-        sdd = _fold(lanes2)
-        cm2 = sdd - sd * sd / k
-        if cm2 < 0.0:
-            cm2 = 0.0
-        _chan(cnt, mean, m2, k, kc + sd / k, cm2)
+        _merge_chunk(cnt, mean, m2, k, kc, lanes, lanes2)
         ca = cb
     if a + FBN_STREAMS * part < b:
         _nchw_moments_run(x, S, CS, a + FBN_STREAMS * part, b, &rn, &rm, &rm2)
