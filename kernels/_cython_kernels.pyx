@@ -611,7 +611,7 @@ cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t
     ``sdd = sum((x - K)**2)`` give the exact partial ``(k, K + sd/k, sdd - sd**2/k)``,
     merged with Chan's formula in chunk order.
     """
-    cdef idx_t ca, cb, i, n, s, L
+    cdef idx_t ca, cb
     cdef double k, kc
     cdef double lanes[16]
     cdef double lanes2[16]
@@ -626,17 +626,7 @@ cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t
         k = <double>(cb - ca)
         if ca == a:
             _zero(lanes)
-            i = ca
-            n = i // S
-            s = i - n * S
-            while i < cb:
-                L = S - s
-                if L > cb - i:
-                    L = cb - i
-                _acc_sum(x + n * CS + s, L, lanes)
-                i += L
-                n += 1
-                s = 0
+            _nchw_span(x, x, S, CS, ca, cb, 0, 0.0, lanes, lanes)
             kc = _fold(lanes) / k
         else:
             kc = mean[0]
@@ -644,17 +634,7 @@ cdef void _nchw_moments_run(const floating* x, idx_t S, idx_t CS, idx_t a, idx_t
         _nchw_prefetch(x, S, CS, cb, cb + _NCHW_CHUNK if cb + _NCHW_CHUNK < b else b)
         _zero(lanes)
         _zero(lanes2)
-        i = ca
-        n = i // S
-        s = i - n * S
-        while i < cb:
-            L = S - s
-            if L > cb - i:
-                L = cb - i
-            _acc_dev_sq(x + n * CS + s, L, kc, lanes, lanes2)
-            i += L
-            n += 1
-            s = 0
+        _nchw_span(x, x, S, CS, ca, cb, 1, kc, lanes, lanes2)
         _merge_chunk(cnt, mean, m2, k, kc, lanes, lanes2)
         ca = cb
 
