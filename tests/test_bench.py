@@ -144,6 +144,13 @@ def test_missing_peer_is_skipped_with_a_note(monkeypatch: Any, peer: str) -> Non
     assert any(note.startswith(f"{peer}: not installed") for note in config.notes)
 
 
+def test_peer_without_a_module_it_needs_is_skipped_with_a_note(monkeypatch: Any) -> None:
+    monkeypatch.setitem(sys.modules, "onnx", None)  # onnxruntime alone cannot build the model
+    config = bench.parse_args(["--backend", "numpy,onnxruntime"])
+    assert config.impls == ["numpy"]
+    assert "onnxruntime: needs onnx, not installed; skipped (pip install onnx)" in config.notes
+
+
 def test_missing_peers_by_default_still_run(monkeypatch: Any) -> None:
     monkeypatch.setitem(sys.modules, "torch", None)
     monkeypatch.setitem(sys.modules, "onnxruntime", None)
@@ -192,7 +199,7 @@ def _first_array(result: Any, case: bench.Case) -> np.ndarray:
 
 def _impls_for_check() -> list[str]:
     impls = [*CPU_BACKENDS, "numpy"]
-    impls += [p for p in bench.PEERS if bench.peer_version(p) is not None]
+    impls += [p for p in bench.PEERS if bench.peer_missing(p) is None]
     return impls
 
 
@@ -707,7 +714,7 @@ def test_from_json_rejects_unknown_versions(tmp_path: Path, version: Any) -> Non
 
 
 def test_floor_modes_follow_the_rows(tmp_path: Path) -> None:
-    peers = [p for p in bench.PEERS if bench.peer_version(p) is not None]
+    peers = [p for p in bench.PEERS if bench.peer_missing(p) is None]
     impls = ",".join([CPU_BACKENDS[0], "numpy", *peers])
     out_md = tmp_path / "out.md"
     argv = [*TINY, "--layout", "NCHW", "--op", "infer,backward", "--mode", "out"]
@@ -778,7 +785,7 @@ def test_from_json_rejects_other_files(tmp_path: Path) -> None:
     assert not (tmp_path / "o.md").exists()
 
 
-@pytest.mark.skipif(bench.peer_version("onnxruntime") is None, reason="needs onnxruntime")
+@pytest.mark.skipif(bench.peer_missing("onnxruntime") is not None, reason="needs onnxruntime")
 def test_peer_rows_and_ratios(tmp_path: Path) -> None:
     config = bench.parse_args(
         [*TINY, "--shape", "6,3", "--op", "infer", "--backend", "numpy,ort", "--no-progress"]

@@ -157,6 +157,7 @@ from .machine import (
     l2_cache_bytes,
     machine_info,
     measure_copy_bandwidth,
+    peer_missing,
     peer_version,
 )
 from .report import (
@@ -215,6 +216,7 @@ __all__ = [
     "parse_args",
     "parse_shape",
     "peak_extra_bytes",
+    "peer_missing",
     "peer_version",
     "read_json",
     "render",

@@ -10,7 +10,7 @@ import numpy as np
 
 from .cases import DEFAULT_SHAPES, DTYPES, LAYOUTS, MODES, OPS, Case, default_cases
 from .impls import BASELINE, PEERS, fastbn_backends
-from .machine import available_cpus, peer_version
+from .machine import available_cpus, peer_missing
 
 _ALIASES = {"ort": "onnxruntime", "np": "numpy", "pytorch": "torch"}
 
@@ -325,9 +325,13 @@ def resolve_impls(requested: Sequence[str] | None, notes: list[str]) -> list[str
                 reason = _backend_unavailable_reason(name)
                 notes.append(f"{name}: fastbn backend not available ({reason}); skipped")
         elif name in PEERS:
-            version = peer_version(name)
-            if version is None:
+            missing = peer_missing(name)
+            if missing == name:
                 notes.append(f"{name}: not installed; skipped (pip install {name})")
+            elif missing is not None:
+                notes.append(
+                    f"{name}: needs {missing}, not installed; skipped (pip install {missing})"
+                )
             else:
                 impls.append(name)
         else:

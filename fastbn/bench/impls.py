@@ -16,6 +16,8 @@ from .cases import EPS, MOMENTUM, Case, Data, channel_axis
 
 BASELINE = "numpy"
 PEERS: tuple[str, ...] = ("torch", "onnxruntime")
+#: Modules a peer needs besides itself (the ONNX model is built with the onnx package).
+PEER_NEEDS: dict[str, tuple[str, ...]] = {"onnxruntime": ("onnx",)}
 
 
 def fastbn_backends() -> list[str]:

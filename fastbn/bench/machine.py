@@ -16,7 +16,7 @@ import numpy as np
 
 import fastbn
 
-from .impls import PEERS, fastbn_backends
+from .impls import PEER_NEEDS, PEERS, fastbn_backends
 
 
 def available_cpus() -> int:
@@ -54,6 +54,14 @@ def peer_version(name: str) -> str | None:
     except Exception:  # ImportError, or a broken install
         return None
     return str(getattr(module, "__version__", "unknown"))
+
+
+def peer_missing(name: str) -> str | None:
+    """The first module a peer needs that cannot be imported (None: the peer is usable)."""
+    for module in (name, *PEER_NEEDS.get(name, ())):
+        if peer_version(module) is None:
+            return module
+    return None
 
 
 def _median_time(func: Callable[[], object], repeat: int) -> float:
