@@ -112,9 +112,13 @@ cdef enum:
     # Short rows: a fused work unit is a group of channels (see _nchw_group).
     _NCHW_GROUP_VALUES = 1024
     _NCHW_GROUP_MAX = 64
-    _NCHW_GROUP_CACHE = 131072
+    _NCHW_GROUP_CACHE = 32768
     # ... and prefetches the runs of the sample this many samples ahead.
     _NCHW_GROUP_AHEAD = 2
+    # A group's sample has at most this many values (G*S < NCHW_GROUP_VALUES + S), and its
+    # reductions take this many samples at a time (_group_pass).
+    _GROUP_W_MAX = 2 * _NCHW_GROUP_VALUES
+    _GROUP_TILE = 8
     _NHWC_CHUNK = 32768
     # NHWC statistics read rows of at least this many channels as streams (_nhwc_part).
     _NHWC_ROW_MIN_C = 64
@@ -292,8 +296,9 @@ cdef inline idx_t _nchw_group(idx_t C, idx_t S, idx_t M) noexcept nogil:
     channels is ``N`` contiguous runs of ``G*S`` values, so the fused kernels walk it sample
     by sample. ``G*S`` aims at ``NCHW_GROUP_VALUES``; a group holds at most
     ``NCHW_GROUP_CACHE`` values of one array (it is read again from cache for the output)
-    and at most ``NCHW_GROUP_MAX`` channels. Every channel is still computed exactly as
-    alone (same runs, same order), so the grouping never changes a bit.
+    and at most ``NCHW_GROUP_MAX`` channels. The group kernels sum each position of a
+    sample over the samples, then a channel's positions (``_nchw_group_moments``): a
+    channel's results do not depend on ``G``, only on the shape taking the group path.
     """
     cdef idx_t g = _ceil_div(_NCHW_GROUP_VALUES, S)
     if g > _NCHW_GROUP_MAX:
@@ -440,6 +445,15 @@ cdef inline void _apply(const floating* x, floating* y, idx_t n,
         fastbn_apply_f64(x, y, n, m, sc, b)
 
 
+cdef inline void _apply_cols(const floating* x, floating* y, idx_t n, const double* m,
+                             const double* sc, const double* b) noexcept nogil:
+    """``y = (x - m) * sc + b`` with constants per value."""
+    if floating is float:
+        fastbn_apply_cols_f32(x, y, n, m, sc, b)
+    else:
+        fastbn_apply_cols_f64(x, y, n, m, sc, b)
+
+
 cdef inline void _dx(const floating* dy, const floating* x, floating* dx, idx_t n,
                      double m, double k, double a, double q) noexcept nogil:
     """``dx = k * ((dy - a) - (x - m) * q)`` in float64, rounded once."""
@@ -447,6 +461,16 @@ cdef inline void _dx(const floating* dy, const floating* x, floating* dx, idx_t 
         fastbn_dx_f32(dy, x, dx, n, m, k, a, q)
     else:
         fastbn_dx_f64(dy, x, dx, n, m, k, a, q)
+
+
+cdef inline void _dx_cols(const floating* dy, const floating* x, floating* dx, idx_t n,
+                          const double* m, const double* k, const double* a,
+                          const double* q) noexcept nogil:
+    """``_dx`` with constants per value."""
+    if floating is float:
+        fastbn_dx_cols_f32(dy, x, dx, n, m, k, a, q)
+    else:
+        fastbn_dx_cols_f64(dy, x, dx, n, m, k, a, q)
 
 
 cdef inline void _apply_out(const floating* x, floating* y, idx_t n, double m, double sc,
@@ -802,28 +826,152 @@ cdef inline void _prefetch_run(const void* p, idx_t nbytes, bint write) noexcept
             fastbn_prefetch(q + j)
 
 
+cdef inline void _group_tile(const floating* g, const floating* x, int nr, idx_t CS, idx_t W,
+                             int op, const double* m, double* a, double* b) noexcept nogil:
+    """Samples ``x + j*CS`` (``j < nr``) of ``W`` positions, in order, onto positional
+    accumulators: ``op`` 0 ``a += x``, 1 ``a += x - m, b += (x - m)**2``,
+    2 ``a += g, b += g*(x - m)`` (``m`` per position)."""
+    if floating is float:
+        if op == 0:
+            fastbn_rows_add_f32(x, nr, CS, W, a)
+        elif op == 1:
+            fastbn_rows_dev_sq_f32(x, nr, CS, W, m, a, b)
+        else:
+            fastbn_rows_sum_dot_f32(g, x, nr, CS, W, m, a, b)
+    else:
+        if op == 0:
+            fastbn_rows_add_f64(x, nr, CS, W, a)
+        elif op == 1:
+            fastbn_rows_dev_sq_f64(x, nr, CS, W, m, a, b)
+        else:
+            fastbn_rows_sum_dot_f64(g, x, nr, CS, W, m, a, b)
+
+
+cdef void _group_pass(const floating* g, const floating* x, idx_t S, idx_t CS, idx_t N,
+                      idx_t c0, idx_t G, int op, const double* m, double* a,
+                      double* b) noexcept nogil:
+    """``_group_tile`` over every sample of channels ``[c0, c0 + G)``, from zero.
+
+    Position ``w = j*S + s`` is value ``s`` of channel ``c0 + j``: a group's sample is one
+    contiguous run of ``W = G*S`` values, and the samples are taken ``_GROUP_TILE`` at a
+    time, in order, the accumulators loaded and stored once per tile. The runs are on other
+    pages sample after sample, which the hardware prefetcher does not follow: the next
+    tile's runs are requested while this one is summed.
+    """
+    cdef idx_t W = G * S, n, k, e, o
+    cdef idx_t nbytes = W * sizeof(floating)
+    for k in range(W):
+        a[k] = 0.0
+        if op:
+            b[k] = 0.0
+    n = 0
+    while n < N:
+        e = n + 2 * _GROUP_TILE if n + 2 * _GROUP_TILE < N else N
+        for k in range(n + _GROUP_TILE, e):
+            o = k * CS + c0 * S
+            _prefetch_run(x + o, nbytes, False)
+            if op == 2:
+                _prefetch_run(g + o, nbytes, False)
+        o = n * CS + c0 * S
+        _group_tile(g + o, x + o, _GROUP_TILE if n + _GROUP_TILE <= N else <int>(N - n),
+                    CS, W, op, m, a, b)
+        n += _GROUP_TILE
+
+
+cdef inline double _pos_sum(const double* pos, idx_t S) noexcept nogil:
+    """The positions of one channel added up: position ``s`` to lane ``s % 16``, folded."""
+    cdef double lanes[16]
+    _zero(lanes)
+    _acc_sum(pos, S, lanes)
+    return _fold(lanes)
+
+
+cdef inline void _expand(double* e, const double* v, idx_t S, idx_t G) noexcept nogil:
+    """``e[j*S + s] = v[j]``: a per-channel value at every position of a group (``e`` may
+    be ``v``: the channels are taken last first)."""
+    cdef idx_t j, s
+    cdef double vj
+    for j in range(G - 1, -1, -1):
+        vj = v[j]
+        for s in range(S):
+            e[j * S + s] = vj
+
+
+cdef void _nchw_group_moments(const floating* x, idx_t S, idx_t CS, idx_t N, idx_t c0,
+                              idx_t c1, double* mean, double* m2) noexcept nogil:
+    """Exact ``(mean, M2)`` of each channel of ``[c0, c1)``.
+
+    One pass over the group centred on ``K``, the float64 mean of the first tile of
+    ``_GROUP_TILE`` samples (summed first, from cache then): ``sd = sum(x - K)`` and
+    ``sdd = sum((x - K)**2)`` give ``mean = K + sd/M`` and ``M2 = sdd - sd**2/M`` exactly,
+    as a chunk centred on the chunks before it. Each pass sums every position of the group
+    over the samples in order (``_group_pass``), then the positions of a channel
+    (``_pos_sum``): with short rows (7x7) a walk channel by channel made one call per 49
+    values on the same accumulators.
+    """
+    cdef double t[3 * _GROUP_W_MAX]
+    cdef idx_t G = c1 - c0, W = G * S, M = N * S, j
+    cdef idx_t n0 = N if N < _GROUP_TILE else _GROUP_TILE
+    cdef double* a = t
+    cdef double* b = t + W
+    cdef double* k = t + 2 * W
+    cdef double sd, cm2
+    _group_pass(x, x, S, CS, n0, c0, G, 0, k, a, b)
+    for j in range(G):
+        mean[c0 + j] = _pos_sum(a + j * S, S) / <double>(n0 * S)
+    _expand(k, mean + c0, S, G)
+    _group_pass(x, x, S, CS, N, c0, G, 1, k, a, b)
+    for j in range(G):
+        sd = _pos_sum(a + j * S, S)
+        cm2 = _pos_sum(b + j * S, S) - sd * sd / <double>M
+        mean[c0 + j] = k[j * S] + sd / <double>M
+        m2[c0 + j] = 0.0 if cm2 < 0.0 else cm2  # a NaN stays NaN
+
+
+cdef void _nchw_group_bsums(const floating* dy, const floating* x, idx_t S, idx_t CS,
+                            idx_t N, idx_t c0, idx_t c1, const double* mean, double* sum_dy,
+                            double* sum_dy_xmu) noexcept nogil:
+    """``sum(dy)`` and ``sum(dy * (x - mean))`` of each channel of ``[c0, c1)`` in one pass
+    over the group (``_group_pass``)."""
+    cdef double t[3 * _GROUP_W_MAX]
+    cdef idx_t G = c1 - c0, W = G * S, j
+    _expand(t + 2 * W, mean + c0, S, G)
+    _group_pass(dy, x, S, CS, N, c0, G, 2, t + 2 * W, t, t + W)
+    for j in range(G):
+        sum_dy[c0 + j] = _pos_sum(t + j * S, S)
+        sum_dy_xmu[c0 + j] = _pos_sum(t + W + j * S, S)
+
+
 cdef void _nchw_forward_group(const floating* x, floating* y, idx_t S, idx_t CS, idx_t N,
                               idx_t c0, idx_t c1, const double* w, const double* bias,
                               double eps, double* mean, double* var, double* invstd,
                               bint stream) noexcept nogil:
-    """``_nchw_forward_channel`` for channels ``[c0, c1)``, ``y`` written sample by sample."""
-    cdef idx_t M = N * S, c, n, o
-    cdef double cnt, m, m2, v
+    """``_nchw_forward_channel`` for channels ``[c0, c1)``, ``y`` written sample by sample
+    (a run of ``G*S`` values with the constants of every position, same bits as row by
+    row)."""
+    cdef double t[3 * _GROUP_W_MAX]
+    cdef idx_t G = c1 - c0, W = G * S, M = N * S, c, n, o
+    _nchw_group_moments(x, S, CS, N, c0, c1, mean, var)
     for c in range(c0, c1):
-        _nchw_moments(x + c * S, S, CS, 0, M, &cnt, &m, &m2)
-        v = m2 / <double>M
-        mean[c] = m
-        var[c] = v
-        invstd[c] = 1.0 / sqrt(v + eps)
+        var[c] = var[c] / <double>M
+        invstd[c] = 1.0 / sqrt(var[c] + eps)
+        t[c - c0] = w[c] * invstd[c]
+    _expand(t + W, t, S, G)
+    _expand(t, mean + c0, S, G)
+    _expand(t + 2 * W, bias + c0, S, G)
     for n in range(N):
+        o = n * CS + c0 * S
+        if stream:
+            if floating is float:
+                fastbn_apply_cols_nt_f32(x + o, y + o, W, W, t, t + W, t + 2 * W)
+            else:
+                fastbn_apply_cols_nt_f64(x + o, y + o, W, W, t, t + W, t + 2 * W)
+            continue
         # A group's runs are on other pages sample after sample: the hardware prefetcher
         # does not follow, so the output lines of a later sample are requested now.
-        if n + _NCHW_GROUP_AHEAD < N and not stream:
-            o = (n + _NCHW_GROUP_AHEAD) * CS + c0 * S
-            _prefetch_run(y + o, (c1 - c0) * S * sizeof(floating), True)
-        for c in range(c0, c1):
-            o = n * CS + c * S
-            _apply_out(x + o, y + o, S, mean[c], w[c] * invstd[c], bias[c], stream)
+        if n + _NCHW_GROUP_AHEAD < N:
+            _prefetch_run(y + o + _NCHW_GROUP_AHEAD * CS, W * sizeof(floating), True)
+        _apply_cols(x + o, y + o, W, t, t + W, t + 2 * W)
     if stream:
         fastbn_sfence()
 
@@ -832,40 +980,35 @@ cdef void _nchw_backward_group(const floating* dy, const floating* x, floating* 
                                idx_t CS, idx_t N, idx_t c0, idx_t c1, const double* mean,
                                const double* invstd, const double* w, double* sum_dy,
                                double* sum_dy_xmu, bint stream) noexcept nogil:
-    """``_nchw_backward_channel`` for channels ``[c0, c1)``, read sample by sample.
-
-    Each channel has its own 2 x 16 lanes, fed with its rows in the same order as alone.
-    """
-    cdef double lanes[2 * _LANES * _NCHW_GROUP_MAX]
-    cdef double* la
-    cdef idx_t M = N * S, c, n, o
+    """``_nchw_backward_channel`` for channels ``[c0, c1)``, read sample by sample (``dx``
+    as ``y`` in ``_nchw_forward_group``)."""
+    cdef double t[4 * _GROUP_W_MAX]
+    cdef idx_t G = c1 - c0, W = G * S, M = N * S, c, n, o
     cdef double inv
-    for c in range(2 * _LANES * (c1 - c0)):
-        lanes[c] = 0.0
-    for n in range(N):
-        # A group's runs are on other pages sample after sample: the hardware prefetcher
-        # does not follow, so the runs of a later sample are requested now.
-        if n + _NCHW_GROUP_AHEAD < N:
-            o = (n + _NCHW_GROUP_AHEAD) * CS + c0 * S
-            _prefetch_run(dy + o, (c1 - c0) * S * sizeof(floating), False)
-            _prefetch_run(x + o, (c1 - c0) * S * sizeof(floating), False)
-        for c in range(c0, c1):
-            o = n * CS + c * S
-            la = lanes + 2 * _LANES * (c - c0)
-            _acc_sum_dot(dy + o, x + o, S, mean[c], la, la + _LANES)
+    _nchw_group_bsums(dy, x, S, CS, N, c0, c1, mean, sum_dy, sum_dy_xmu)
+    # k, a, mean, q at every position: t, t + W, t + 2W, t + 3W.
     for c in range(c0, c1):
-        la = lanes + 2 * _LANES * (c - c0)
-        sum_dy[c] = _fold(la)
-        sum_dy_xmu[c] = _fold(la + _LANES)
+        inv = invstd[c]
+        t[c - c0] = w[c] * inv
+        t[W + c - c0] = sum_dy[c] / <double>M
+        t[3 * W + c - c0] = inv * inv * sum_dy_xmu[c] / <double>M
+    _expand(t + 3 * W, t + 3 * W, S, G)
+    _expand(t + 2 * W, mean + c0, S, G)
+    _expand(t + W, t + W, S, G)
+    _expand(t, t, S, G)
     for n in range(N):
-        if n + _NCHW_GROUP_AHEAD < N and not stream:
-            o = (n + _NCHW_GROUP_AHEAD) * CS + c0 * S
-            _prefetch_run(dx + o, (c1 - c0) * S * sizeof(floating), True)
-        for c in range(c0, c1):
-            o = n * CS + c * S
-            inv = invstd[c]
-            _dx_out(dy + o, x + o, dx + o, S, mean[c], w[c] * inv, sum_dy[c] / <double>M,
-                    inv * inv * sum_dy_xmu[c] / <double>M, stream)
+        o = n * CS + c0 * S
+        if stream:
+            if floating is float:
+                fastbn_dx_cols_nt_f32(dy + o, x + o, dx + o, W, W, t + 2 * W, t, t + W,
+                                      t + 3 * W)
+            else:
+                fastbn_dx_cols_nt_f64(dy + o, x + o, dx + o, W, W, t + 2 * W, t, t + W,
+                                      t + 3 * W)
+            continue
+        if n + _NCHW_GROUP_AHEAD < N:
+            _prefetch_run(dx + o + _NCHW_GROUP_AHEAD * CS, W * sizeof(floating), True)
+        _dx_cols(dy + o, x + o, dx + o, W, t + 2 * W, t, t + W, t + 3 * W)
     if stream:
         fastbn_sfence()
 
@@ -945,9 +1088,23 @@ def nchw_stats(const floating[:, :, ::1] x, double[::1] mean, double[::1] var, i
     cdef const floating* xp = &x[0, 0, 0]
     cdef double* mp = &mean[0]
     cdef double* vp = &var[0]
-    cdef double* pn = _alloc(nu)
+    cdef double* pn
     cdef double* pm
     cdef double* pm2
+    cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
+    if g > 1:
+        # Short rows: groups of channels, walked sample by sample (the fused kernels' grid).
+        nt = _team(nthreads, _ceil_div(C, g), M * C)
+        with nogil:
+            for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
+                e = (u + 1) * g
+                if e > C:
+                    e = C
+                _nchw_group_moments(xp, S, CS, N, u * g, e, mp, vp)
+            for c in range(C):
+                vp[c] = vp[c] / <double>M
+        return
+    pn = _alloc(nu)
     try:
         pm = _alloc(nu)
         try:
@@ -1016,6 +1173,8 @@ def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
     cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating), S)
     cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
     if g > 1:
+        # A group writes runs of g*S values (the last group's may be shorter).
+        st = _use_stream(yp, xp, xp, M * C * sizeof(floating), (C - (C - 1) // g * g) * S)
         nt = _team(nthreads, _ceil_div(C, g), M * C)
         with nogil:
             for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
@@ -1140,7 +1299,19 @@ def nchw_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1]
     cdef const double* mp = &mean[0]
     cdef double* sp = &sum_dy[0]
     cdef double* qp = &sum_dy_xmu[0]
-    cdef double* ps = _alloc(2 * nu)
+    cdef double* ps
+    cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
+    if g > 1:
+        # Short rows: the sums of the fused kernel's groups, walked sample by sample.
+        nt = _team(nthreads, _ceil_div(C, g), M * C)
+        with nogil:
+            for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
+                e = (u + 1) * g
+                if e > C:
+                    e = C
+                _nchw_group_bsums(gp, xp, S, CS, N, u * g, e, mp, sp, qp)
+        return
+    ps = _alloc(2 * nu)
     try:
         with nogil:
             for u in prange(nu, schedule="static", num_threads=nt):
@@ -1208,6 +1379,8 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
     cdef bint st = _use_stream(dp, gp, xp, M * C * sizeof(floating), S)
     cdef idx_t g = _nchw_group(C, S, M) if ns == 1 else 1
     if g > 1:
+        # A group writes runs of g*S values (the last group's may be shorter).
+        st = _use_stream(dp, gp, xp, M * C * sizeof(floating), (C - (C - 1) // g * g) * S)
         nt = _team(nthreads, _ceil_div(C, g), M * C)
         with nogil:
             for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
@@ -1282,14 +1455,14 @@ cdef inline void _nhwc_rows_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, 
     for r in range(ra, rb):
         if floating is float:
             if dev:
-                fastbn_rows_dev_sq_f32(x + r * C, part * C, C, kc, sd, sdd)
+                fastbn_rows_dev_sq_f32(x + r * C, FBN_STREAMS, part * C, C, kc, sd, sdd)
             else:
-                fastbn_rows_add_f32(x + r * C, part * C, C, kc)
+                fastbn_rows_add_f32(x + r * C, FBN_STREAMS, part * C, C, kc)
         else:
             if dev:
-                fastbn_rows_dev_sq_f64(x + r * C, part * C, C, kc, sd, sdd)
+                fastbn_rows_dev_sq_f64(x + r * C, FBN_STREAMS, part * C, C, kc, sd, sdd)
             else:
-                fastbn_rows_add_f64(x + r * C, part * C, C, kc)
+                fastbn_rows_add_f64(x + r * C, FBN_STREAMS, part * C, C, kc)
 
 
 cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br,
@@ -1436,9 +1609,11 @@ cdef void _nhwc_bsums(const floating* dy, const floating* x, idx_t C, idx_t r0, 
         sxm[c] = 0.0
     for r in range(r0, r0 + part):
         if floating is float:
-            fastbn_rows_sum_dot_f32(dy + r * C, x + r * C, part * C, C, m, sdy, sxm)
+            fastbn_rows_sum_dot_f32(dy + r * C, x + r * C, FBN_STREAMS, part * C, C, m,
+                                    sdy, sxm)
         else:
-            fastbn_rows_sum_dot_f64(dy + r * C, x + r * C, part * C, C, m, sdy, sxm)
+            fastbn_rows_sum_dot_f64(dy + r * C, x + r * C, FBN_STREAMS, part * C, C, m,
+                                    sdy, sxm)
     for r in range(r0 + FBN_STREAMS * part, r1):
         gr = dy + r * C
         xr = x + r * C

@@ -208,10 +208,11 @@ FBN_DEFINE_LANES(f64, double, fbn_loadd)
 FBN_DEFINE_COLS(f32, float, fbn_loadf)
 FBN_DEFINE_COLS(f64, double, fbn_loadd)
 
-/* FBN_STREAMS rows, x + j*d for j = 0, 1, ..., into per-column accumulators in memory (the
- * NHWC statistics read as interleaved streams of rows, see _nhwc_moments): a column
- * receives the rows' additions in the order j = 0, 1, ..., as in the _cols loops; the
- * accumulators are loaded and stored once for all the rows.
+/* nr rows, x + j*d for j = 0, 1, ..., nr - 1, into per-column accumulators in memory (the
+ * NHWC statistics read as FBN_STREAMS interleaved streams of rows, see _nhwc_moments; the
+ * NCHW groups of short rows, a tile of samples at a time, see _nchw_group_moments): a
+ * column receives the rows' additions in the order j = 0, 1, ..., as in the _cols loops;
+ * the accumulators are loaded and stored once for all the rows.
  *
  * fastbn_rows_add:     k[c] += x[j*d + c]
  * fastbn_rows_dev_sq:  sd[c] += x[j*d + c] - k[c];  sdd[c] += (x[j*d + c] - k[c])**2
@@ -222,13 +223,13 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
     #define FBN_SIMD_ROWS_ADD(LOADV)                                                         \
         for (; c + FBN_W <= C; c += FBN_W) {                                                 \
             fbn_vd a = fbn_loadd(k + c);                                                     \
-            for (int j = 0; j < FBN_STREAMS; j++) a = fbn_add(a, LOADV(x + j * d + c));      \
+            for (int j = 0; j < nr; j++) a = fbn_add(a, LOADV(x + j * d + c));               \
             fbn_storeu(k + c, a);                                                            \
         }
     #define FBN_SIMD_ROWS_DEV_SQ(LOADV)                                                      \
         for (; c + FBN_W <= C; c += FBN_W) {                                                 \
             fbn_vd kv = fbn_loadd(k + c), a = fbn_loadd(sd + c), b = fbn_loadd(sdd + c), t;  \
-            for (int j = 0; j < FBN_STREAMS; j++) {                                          \
+            for (int j = 0; j < nr; j++) {                                                   \
                 t = fbn_sub(LOADV(x + j * d + c), kv);                                       \
                 a = fbn_add(a, t);                                                           \
                 b = fbn_add(b, fbn_mul(t, t));                                               \
@@ -239,7 +240,7 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
     #define FBN_SIMD_ROWS_SUM_DOT(LOADV)                                                     \
         for (; c + FBN_W <= C; c += FBN_W) {                                                 \
             fbn_vd mv = fbn_loadd(m + c), a = fbn_loadd(sdy + c), b = fbn_loadd(sxm + c), gv; \
-            for (int j = 0; j < FBN_STREAMS; j++) {                                          \
+            for (int j = 0; j < nr; j++) {                                                   \
                 gv = LOADV(g + j * d + c);                                                   \
                 a = fbn_add(a, gv);                                                          \
                 b = fbn_add(b, fbn_mul(gv, fbn_sub(LOADV(x + j * d + c), mv)));              \
@@ -253,32 +254,33 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
     #define FBN_SIMD_ROWS_SUM_DOT(LOADV)
 #endif
 #define FBN_DEFINE_ROWS(SUFFIX, T, LOADV)                                                    \
-    static inline void fastbn_rows_add_##SUFFIX(const T* x, ptrdiff_t d, ptrdiff_t C,        \
-                                                double* k) {                                 \
+    static inline void fastbn_rows_add_##SUFFIX(const T* x, int nr, ptrdiff_t d,             \
+                                                ptrdiff_t C, double* k) {                    \
         ptrdiff_t c = 0;                                                                     \
         FBN_SIMD_ROWS_ADD(LOADV)                                                             \
         for (; c < C; c++)                                                                   \
-            for (int j = 0; j < FBN_STREAMS; j++) k[c] += (double)x[j * d + c];              \
+            for (int j = 0; j < nr; j++) k[c] += (double)x[j * d + c];                       \
     }                                                                                        \
-    static inline void fastbn_rows_dev_sq_##SUFFIX(const T* x, ptrdiff_t d, ptrdiff_t C,     \
-                                                   const double* k, double* sd,              \
+    static inline void fastbn_rows_dev_sq_##SUFFIX(const T* x, int nr, ptrdiff_t d,          \
+                                                   ptrdiff_t C, const double* k, double* sd, \
                                                    double* sdd) {                            \
         ptrdiff_t c = 0;                                                                     \
         FBN_SIMD_ROWS_DEV_SQ(LOADV)                                                          \
         for (; c < C; c++)                                                                   \
-            for (int j = 0; j < FBN_STREAMS; j++) {                                          \
+            for (int j = 0; j < nr; j++) {                                                   \
                 double t = (double)x[j * d + c] - k[c];                                      \
                 sd[c] += t;                                                                  \
                 sdd[c] += t * t;                                                             \
             }                                                                                \
     }                                                                                        \
-    static inline void fastbn_rows_sum_dot_##SUFFIX(const T* g, const T* x, ptrdiff_t d,     \
-                                                    ptrdiff_t C, const double* m,            \
-                                                    double* sdy, double* sxm) {              \
+    static inline void fastbn_rows_sum_dot_##SUFFIX(const T* g, const T* x, int nr,          \
+                                                    ptrdiff_t d, ptrdiff_t C,                \
+                                                    const double* m, double* sdy,            \
+                                                    double* sxm) {                           \
         ptrdiff_t c = 0;                                                                     \
         FBN_SIMD_ROWS_SUM_DOT(LOADV)                                                         \
         for (; c < C; c++)                                                                   \
-            for (int j = 0; j < FBN_STREAMS; j++) {                                          \
+            for (int j = 0; j < nr; j++) {                                                   \
                 double gv = (double)g[j * d + c];                                            \
                 sdy[c] += gv;                                                                \
                 sxm[c] += gv * ((double)x[j * d + c] - m[c]);                                \

@@ -17,6 +17,7 @@ from .numba_cpu import (
     CHUNK,
     GROUP_CACHE,
     GROUP_MAX,
+    GROUP_TILE,
     GROUP_VALUES,
     MAX_STRIPES,
     NHWC_CHUNK,
@@ -258,8 +259,9 @@ def nchw_group(n_rows, n_ch, s):
     lines, which the hardware prefetcher does not follow; ``g`` adjacent channels are
     ``n_rows`` contiguous runs of ``g * s`` values, walked sample by sample. ``g * s`` aims
     at ``GROUP_VALUES``, a group holds at most ``GROUP_CACHE`` values of one array (it is
-    read again from cache for the output) and at most ``GROUP_MAX`` channels. Each channel
-    is computed exactly as alone (same rows, same order): grouping never changes a bit.
+    read again from cache for the output) and at most ``GROUP_MAX`` channels. A channel's
+    results do not depend on ``g``, only on whether the shape takes the group path
+    (``g > 1``: group_moments, centred on its first samples; 1: nchw_fold's chunks).
     """
     g = min((GROUP_VALUES + s - 1) // s, GROUP_MAX, GROUP_CACHE // max(1, n_rows * s), n_ch)
     return max(1, g)
@@ -310,6 +312,38 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
 
 
 @inline
+def group_moments(x, c0, gl, m, m2):
+    """m[j], m2[j] = exact mean and M2 of channel c0 + j, j < gl (a group of short rows).
+
+    The group is walked sample by sample (its rows of one sample are adjacent), in one pass
+    centred on ``K``, the mean of the first GROUP_TILE samples (summed first, then in
+    cache): ``sd = sum(x - K)`` and ``sq = sum((x - K)**2)`` give ``(K + sd/M,
+    sq - sd**2/M)``, as the Cython kernels do (nchw_fold's first chunk of 4096 values took
+    a second pass over two thirds of a 7x7 channel).
+    """
+    n_rows, _, s = x.shape
+    k = np.zeros(gl)
+    sd = np.zeros(gl)
+    sq = np.zeros(gl)
+    n0 = min(n_rows, GROUP_TILE)
+    for n in range(n0):
+        for j in range(gl):
+            k[j] += row_sum(x[n, c0 + j])
+    for j in range(gl):
+        k[j] /= float(n0 * s)
+    for n in range(n_rows):
+        for j in range(gl):
+            d1, d2 = row_deviations(x[n, c0 + j], k[j])
+            sd[j] += d1
+            sq[j] += d2
+    count = float(n_rows * s)
+    for j in range(gl):
+        cm2 = sq[j] - sd[j] * sd[j] / count
+        m[j] = k[j] + sd[j] / count
+        m2[j] = 0.0 if cm2 < 0.0 else cm2  # a NaN stays NaN
+
+
+@inline
 def nchw_unit_block(u, ng, g, n_ch):
     """(sample, first channel, end channel) of elementwise work unit u (ng groups of g)."""
     n = u // ng
@@ -324,7 +358,13 @@ def nchw_unit_moments(x, u, g, rows, blocks, piece, pieces):
     c0 = u * g
     gl = min(n_ch - c0, g)
     cnt, m, m2, t, sd, sq = np.empty((6, g))
-    nchw_fold(x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq)
+    if g > 1:
+        group_moments(x, c0, gl, m, m2)
+        cnt[:] = float(n_rows * s)
+    else:
+        nchw_fold(
+            x, c0, gl, 0, blocks * pieces, n_rows, s, rows, piece, pieces, cnt, m, m2, t, sd, sq
+        )
     return c0, gl, cnt, m, m2, t
 
 

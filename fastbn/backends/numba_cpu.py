@@ -11,7 +11,8 @@ Determinism comes from a chunk grid that depends on the shape only:
   each channel is reduced by one thread, chunk after chunk, and normalized right away while
   its slice is still in cache (2 passes over memory instead of 3); with short rows a thread
   takes a group of adjacent channels and walks their rows sample by sample (contiguous
-  runs), each channel still computed exactly as alone. With fewer channels the
+  runs), one partial per channel centred on the mean of its first ``GROUP_TILE`` samples
+  (``group_moments``). With fewer channels the
   chunks of a channel are split into at most ``MAX_STRIPES`` fixed stripes, reduced in
   parallel and merged in stripe order.
 - nhwc: rows are cut into chunks of about ``NHWC_CHUNK`` values (whole rows), the chunks into at
@@ -56,6 +57,8 @@ MIN_CHANNELS_PER_CHANNEL_PATH = 16
 GROUP_VALUES = 1024
 GROUP_MAX = 64
 GROUP_CACHE = 131072
+#: A group's statistics are centred on the mean of its first GROUP_TILE samples.
+GROUP_TILE = 8
 
 #: Outputs of at least ``stream_min_bytes()`` bytes, written in contiguous runs of at least
 #: STREAM_MIN_RUN values and not in place, are written with streaming stores (the store
