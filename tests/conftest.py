@@ -86,6 +86,7 @@ SHAPES = [
     (70, 2, 31, 31),  # stripe path with 18 row blocks > MAX_STRIPES
     (5, 4, 33, 31),  # stripe path, rows do not divide CHUNK
     (200, 37, 7, 7),  # short rows: groups of 13 channels, the last one short; 3 row blocks
+    (21, 100, 3, 3),  # short rows: groups of 64 + 36 channels, 21 samples = 8 + 8 + 5
     # (N, C, D, H, W)
     (2, 3, 3, 4, 5),
     (3, 17, 2, 3, 3),

@@ -316,6 +316,8 @@ BIG_CASES = [
     ("nhwc", (2049, 129)),
     # Short rows: fused NCHW work units are groups of channels (two uneven groups here).
     ("nchw", (64, 40, 49)),
+    # ... with a number of samples that is not a multiple of the group's tile of 8.
+    ("nchw", (75, 40, 49)),
 ]
 
 
