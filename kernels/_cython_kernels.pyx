@@ -112,7 +112,7 @@ cdef enum:
     # Short rows: a fused work unit is a group of channels (see _nchw_group).
     _NCHW_GROUP_VALUES = 1024
     _NCHW_GROUP_MAX = 64
-    _NCHW_GROUP_CACHE = 32768
+    _NCHW_GROUP_CACHE = 131072
     # ... and prefetches the runs of the sample this many samples ahead.
     _NCHW_GROUP_AHEAD = 2
     # A group's sample has at most this many values (G*S < NCHW_GROUP_VALUES + S), and its
