@@ -270,6 +270,10 @@ def test_grid_covers_stripes() -> None:
     assert any(g["chunk"] == 1 for g in nhwc)
     # Short NCHW rows: several channels per fused unit, and several units.
     assert any(g["group"] > 1 for g in nchw)
+    # ... also for ResNet's last stage at batch 512 (25088 values per channel), with groups
+    # of about NCHW_GROUP_VALUES values per sample.
+    assert ext.grid("nchw", (512, 512, 49))["group"] > 1
+    assert ext.grid("nchw", (128, 512, 49))["group"] * 49 >= 1024 - 49
     assert any(1 < g["group"] < s[1] for g, s in zip(nchw, NCHW_SHAPES, strict=True))
     # Channels read as interleaved streams, whole and in stripes.
     assert any(g["streams"] and g["fused"] and g["group"] == 1 for g in nchw)
