@@ -901,10 +901,10 @@ cdef void _nchw_group_moments(const floating* x, idx_t S, idx_t CS, idx_t N, idx
                               idx_t c1, double* mean, double* m2) noexcept nogil:
     """Exact ``(mean, M2)`` of each channel of ``[c0, c1)``.
 
-    One pass over the group centred on ``K``, the float64 mean of the first tile of
-    ``_GROUP_TILE`` samples (summed first, from cache then): ``sd = sum(x - K)`` and
-    ``sdd = sum((x - K)**2)`` give ``mean = K + sd/M`` and ``M2 = sdd - sd**2/M`` exactly,
-    as a chunk centred on the chunks before it. Each pass sums every position of the group
+    One pass over the group centred on ``K``, the float64 mean of its first
+    ``_GROUP_TILE`` samples (summed first; the pass reads them again from cache):
+    ``sd = sum(x - K)`` and ``sdd = sum((x - K)**2)`` give ``mean = K + sd/M`` and
+    ``M2 = sdd - sd**2/M`` exactly, as a chunk centred on the chunks before it. Each pass sums every position of the group
     over the samples in order (``_group_pass``), then the positions of a channel
     (``_pos_sum``): with short rows (7x7) a walk channel by channel made one call per 49
     values on the same accumulators.
