@@ -6,6 +6,7 @@ import json
 import os
 import re
 import sys
+import types
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -145,6 +146,9 @@ def test_missing_peer_is_skipped_with_a_note(monkeypatch: Any, peer: str) -> Non
 
 
 def test_peer_without_a_module_it_needs_is_skipped_with_a_note(monkeypatch: Any) -> None:
+    runtime = types.ModuleType("onnxruntime")
+    runtime.__version__ = "1.31.1"  # type: ignore[attr-defined]
+    monkeypatch.setitem(sys.modules, "onnxruntime", runtime)  # installed (or not: a stand-in)
     monkeypatch.setitem(sys.modules, "onnx", None)  # onnxruntime alone cannot build the model
     config = bench.parse_args(["--backend", "numpy,onnxruntime"])
     assert config.impls == ["numpy"]
