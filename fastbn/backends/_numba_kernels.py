@@ -148,6 +148,91 @@ def cols_dx(db, xb, mean, k, shift, proj, outb):
             outb[r, j] = k[j] * (db[r, j] - shift[j] - (xb[r, j] - mean[j]) * proj[j])
 
 
+# Per-position sums of a group of short NCHW rows (group_moments): a sample of channels
+# c0..c0+gl is the run x2[n, lo:lo + w] of the (n_rows, n_ch * s) view. Each position
+# receives the samples in order: pos_tile_* take GROUP_TILE = 8 samples as 8 row views
+# (with the rows as separate arrays LLVM vectorizes across positions; a 2-D block or a
+# runtime row count measured 3x slower), pos_* one sample.
+
+
+@serial
+def pos_add(r, acc):
+    """acc[j] += r[j]."""
+    for j in range(acc.shape[0]):
+        acc[j] += r[j]
+
+
+@serial
+def pos_tile_add(r0, r1, r2, r3, r4, r5, r6, r7, acc):
+    """acc[j] += r0[j], then r1[j], ..., r7[j] (eight samples in order)."""
+    for j in range(acc.shape[0]):
+        acc[j] = acc[j] + r0[j] + r1[j] + r2[j] + r3[j] + r4[j] + r5[j] + r6[j] + r7[j]
+
+
+@serial
+def pos_deviations(r, m, sd, sq):
+    """sd[j] += r[j] - m[j], sq[j] += (r[j] - m[j])**2."""
+    for j in range(sd.shape[0]):
+        d = r[j] - m[j]
+        sd[j] += d
+        sq[j] += d * d
+
+
+@serial
+def pos_tile_deviations(r0, r1, r2, r3, r4, r5, r6, r7, m, sd, sq):
+    """pos_deviations of eight samples in order."""
+    for j in range(sd.shape[0]):
+        mj = m[j]
+        d0 = r0[j] - mj
+        d1 = r1[j] - mj
+        d2 = r2[j] - mj
+        d3 = r3[j] - mj
+        d4 = r4[j] - mj
+        d5 = r5[j] - mj
+        d6 = r6[j] - mj
+        d7 = r7[j] - mj
+        sd[j] = sd[j] + d0 + d1 + d2 + d3 + d4 + d5 + d6 + d7
+        sq[j] = (
+            sq[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3 + d4 * d4 + d5 * d5 + d6 * d6 + d7 * d7
+        )
+
+
+@serial
+def pos_grad_sums(g, r, m, a, b):
+    """a[j] += g[j], b[j] += g[j] * (r[j] - m[j])."""
+    for j in range(a.shape[0]):
+        e = g[j] * 1.0
+        a[j] += e
+        b[j] += e * (r[j] - m[j])
+
+
+@serial
+def pos_tile_grad_sums(g0, g1, g2, g3, g4, g5, g6, g7, r0, r1, r2, r3, r4, r5, r6, r7, m, a, b):
+    """pos_grad_sums of eight samples in order."""
+    for j in range(a.shape[0]):
+        mj = m[j]
+        e0 = g0[j] * 1.0
+        e1 = g1[j] * 1.0
+        e2 = g2[j] * 1.0
+        e3 = g3[j] * 1.0
+        e4 = g4[j] * 1.0
+        e5 = g5[j] * 1.0
+        e6 = g6[j] * 1.0
+        e7 = g7[j] * 1.0
+        a[j] = a[j] + e0 + e1 + e2 + e3 + e4 + e5 + e6 + e7
+        b[j] = (
+            b[j]
+            + e0 * (r0[j] - mj)
+            + e1 * (r1[j] - mj)
+            + e2 * (r2[j] - mj)
+            + e3 * (r3[j] - mj)
+            + e4 * (r4[j] - mj)
+            + e5 * (r5[j] - mj)
+            + e6 * (r6[j] - mj)
+            + e7 * (r7[j] - mj)
+        )
+
+
 # ------------------------------------------------------------ streamed outputs
 # Large outputs are written with streaming stores (no read-for-ownership of the output's
 # lines; see _numba_stream and the Cython kernels' store rule): ordinary stores up to the
@@ -315,32 +400,76 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
 def group_moments(x, c0, gl, m, m2):
     """m[j], m2[j] = exact mean and M2 of channel c0 + j, j < gl (a group of short rows).
 
-    The group is walked sample by sample (its rows of one sample are adjacent), in one pass
-    centred on ``K``, the mean of the first GROUP_TILE samples (summed first, then in
-    cache): ``sd = sum(x - K)`` and ``sq = sum((x - K)**2)`` give ``(K + sd/M,
-    sq - sd**2/M)``, as the Cython kernels do (nchw_fold's first chunk of 4096 values took
-    a second pass over two thirds of a 7x7 channel).
+    A sample of the group is one contiguous run of ``gl * s`` values: each position of it
+    is summed over the samples in order (pos_*), then the positions of a channel
+    (row_sum). One pass centred on ``K``, the mean of the first GROUP_TILE samples (summed
+    first, then in cache): ``sd = sum(x - K)`` and ``sq = sum((x - K)**2)`` give
+    ``(K + sd/M, sq - sd**2/M)``, as the Cython kernels do.
     """
-    n_rows, _, s = x.shape
-    k = np.zeros(gl)
-    sd = np.zeros(gl)
-    sq = np.zeros(gl)
+    n_rows, n_ch, s = x.shape
+    x2 = x.reshape(n_rows, n_ch * s)
+    lo = c0 * s
+    hi = lo + gl * s
+    sd = np.zeros(gl * s)
+    sq = np.zeros(gl * s)
+    k = np.zeros(gl * s)
     n0 = min(n_rows, GROUP_TILE)
-    for n in range(n0):
-        for j in range(gl):
-            k[j] += row_sum(x[n, c0 + j])
+    if n0 == GROUP_TILE:
+        pos_tile_add(
+            x2[0, lo:hi], x2[1, lo:hi], x2[2, lo:hi], x2[3, lo:hi],
+            x2[4, lo:hi], x2[5, lo:hi], x2[6, lo:hi], x2[7, lo:hi], k,
+        )  # fmt: skip
+    else:
+        for n in range(n0):
+            pos_add(x2[n, lo:hi], k)
     for j in range(gl):
-        k[j] /= float(n0 * s)
-    for n in range(n_rows):
-        for j in range(gl):
-            d1, d2 = row_deviations(x[n, c0 + j], k[j])
-            sd[j] += d1
-            sq[j] += d2
+        k[j * s : (j + 1) * s] = row_sum(k[j * s : (j + 1) * s]) / float(n0 * s)
+    n = 0
+    while n + GROUP_TILE <= n_rows:
+        pos_tile_deviations(
+            x2[n, lo:hi], x2[n + 1, lo:hi], x2[n + 2, lo:hi], x2[n + 3, lo:hi],
+            x2[n + 4, lo:hi], x2[n + 5, lo:hi], x2[n + 6, lo:hi], x2[n + 7, lo:hi], k, sd, sq,
+        )  # fmt: skip
+        n += GROUP_TILE
+    while n < n_rows:
+        pos_deviations(x2[n, lo:hi], k, sd, sq)
+        n += 1
     count = float(n_rows * s)
     for j in range(gl):
-        cm2 = sq[j] - sd[j] * sd[j] / count
-        m[j] = k[j] + sd[j] / count
+        d1 = row_sum(sd[j * s : (j + 1) * s])
+        cm2 = row_sum(sq[j * s : (j + 1) * s]) - d1 * d1 / count
+        m[j] = k[j * s] + d1 / count
         m2[j] = 0.0 if cm2 < 0.0 else cm2  # a NaN stays NaN
+
+
+@inline
+def group_grad_sums(dy, x, c0, gl, mean, a, b):
+    """a[j], b[j] = sum(dy) and sum(dy*(x-mean)) of channel c0 + j (as group_moments)."""
+    n_rows, n_ch, s = x.shape
+    g2 = dy.reshape(n_rows, n_ch * s)
+    x2 = x.reshape(n_rows, n_ch * s)
+    lo = c0 * s
+    hi = lo + gl * s
+    pa = np.zeros(gl * s)
+    pb = np.zeros(gl * s)
+    m = np.empty(gl * s)
+    for j in range(gl):
+        m[j * s : (j + 1) * s] = mean[c0 + j]
+    n = 0
+    while n + GROUP_TILE <= n_rows:
+        pos_tile_grad_sums(
+            g2[n, lo:hi], g2[n + 1, lo:hi], g2[n + 2, lo:hi], g2[n + 3, lo:hi],
+            g2[n + 4, lo:hi], g2[n + 5, lo:hi], g2[n + 6, lo:hi], g2[n + 7, lo:hi],
+            x2[n, lo:hi], x2[n + 1, lo:hi], x2[n + 2, lo:hi], x2[n + 3, lo:hi],
+            x2[n + 4, lo:hi], x2[n + 5, lo:hi], x2[n + 6, lo:hi], x2[n + 7, lo:hi], m, pa, pb,
+        )  # fmt: skip
+        n += GROUP_TILE
+    while n < n_rows:
+        pos_grad_sums(g2[n, lo:hi], x2[n, lo:hi], m, pa, pb)
+        n += 1
+    for j in range(gl):
+        a[j] = row_sum(pa[j * s : (j + 1) * s])
+        b[j] = row_sum(pb[j * s : (j + 1) * s])
 
 
 @inline
@@ -533,7 +662,10 @@ def nchw_backward_reduce_channels(dy, x, mean, sum_dy, sum_dy_xmu):
         c0 = u * g
         gl = min(n_ch - c0, g)
         a, b = np.empty((2, g))
-        nchw_grad_sums(dy, x, c0, gl, mean, 0, n_rows, a, b)
+        if g > 1:
+            group_grad_sums(dy, x, c0, gl, mean, a, b)
+        else:
+            nchw_grad_sums(dy, x, c0, gl, mean, 0, n_rows, a, b)
         sum_dy[c0 : c0 + gl] = a[:gl]
         sum_dy_xmu[c0 : c0 + gl] = b[:gl]
 
@@ -561,7 +693,10 @@ def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy
         gl = min(n_ch - c0, g)
         c1 = c0 + gl
         a, b, k, shift, proj = np.empty((5, g))
-        nchw_grad_sums(dy, x, c0, gl, mean, 0, n_rows, a, b)
+        if g > 1:
+            group_grad_sums(dy, x, c0, gl, mean, a, b)
+        else:
+            nchw_grad_sums(dy, x, c0, gl, mean, 0, n_rows, a, b)
         for j in range(gl):
             c = c0 + j
             inv = invstd[c]
