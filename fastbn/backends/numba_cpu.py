@@ -57,7 +57,8 @@ MIN_CHANNELS_PER_CHANNEL_PATH = 16
 GROUP_VALUES = 1024
 GROUP_MAX = 64
 GROUP_CACHE = 131072
-#: A group's statistics are centred on the mean of its first GROUP_TILE samples.
+#: A group's statistics are centred on the mean of its first GROUP_TILE samples, and its
+#: per-position sums take GROUP_TILE samples at a time (``pos_tile_*`` take exactly 8).
 GROUP_TILE = 8
 
 #: Outputs of at least ``stream_min_bytes()`` bytes, written in contiguous runs of at least
