@@ -310,6 +310,11 @@ cdef inline idx_t _nchw_group(idx_t C, idx_t S, idx_t M) noexcept nogil:
     return g if g > 1 else 1
 
 
+cdef inline idx_t _group_end(idx_t u, idx_t g, idx_t C) noexcept nogil:
+    """End channel of group ``u`` (channels ``[u*g, end)``; the last group may be short)."""
+    return (u + 1) * g if (u + 1) * g < C else C
+
+
 cdef inline idx_t _nhwc_chunk_rows(idx_t C) noexcept nogil:
     cdef idx_t br = _NHWC_CHUNK // C
     return br if br > 1 else 1
@@ -1097,9 +1102,7 @@ def nchw_stats(const floating[:, :, ::1] x, double[::1] mean, double[::1] var, i
         nt = _team(nthreads, _ceil_div(C, g), M * C)
         with nogil:
             for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
-                e = (u + 1) * g
-                if e > C:
-                    e = C
+                e = _group_end(u, g, C)
                 _nchw_group_moments(xp, S, CS, N, u * g, e, mp, vp)
             for c in range(C):
                 vp[c] = vp[c] / <double>M
@@ -1178,9 +1181,7 @@ def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
         nt = _team(nthreads, _ceil_div(C, g), M * C)
         with nogil:
             for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
-                e = (u + 1) * g
-                if e > C:
-                    e = C
+                e = _group_end(u, g, C)
                 _nchw_forward_group(xp, yp, S, CS, N, u * g, e, wp, bp, eps, mp, vp, ip, st)
         return
     if ns == 1:
@@ -1306,9 +1307,7 @@ def nchw_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1]
         nt = _team(nthreads, _ceil_div(C, g), M * C)
         with nogil:
             for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
-                e = (u + 1) * g
-                if e > C:
-                    e = C
+                e = _group_end(u, g, C)
                 _nchw_group_bsums(gp, xp, S, CS, N, u * g, e, mp, sp, qp)
         return
     ps = _alloc(2 * nu)
@@ -1384,9 +1383,7 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
         nt = _team(nthreads, _ceil_div(C, g), M * C)
         with nogil:
             for u in prange(_ceil_div(C, g), schedule="static", num_threads=nt):
-                e = (u + 1) * g
-                if e > C:
-                    e = C
+                e = _group_end(u, g, C)
                 _nchw_backward_group(gp, xp, dp, S, CS, N, u * g, e, mp, ip, wp, sp, qp, st)
         return
     if ns == 1:

@@ -397,6 +397,14 @@ def nchw_fold(x, c0, gl, k0, k1, n_rows, s, rows, piece, pieces, cnt, m, m2, t, 
 
 
 @inline
+def group_run(x, c0, gl):
+    """(x2, lo, hi): the (n_rows, n_ch * s) view of x and the bounds of channels c0..c0+gl
+    in it, so that x2[n, lo:hi] is the group's sample n (one contiguous run)."""
+    n_rows, n_ch, s = x.shape
+    return x.reshape(n_rows, n_ch * s), c0 * s, (c0 + gl) * s
+
+
+@inline
 def group_moments(x, c0, gl, m, m2):
     """m[j], m2[j] = exact mean and M2 of channel c0 + j, j < gl (a group of short rows).
 
@@ -406,10 +414,8 @@ def group_moments(x, c0, gl, m, m2):
     first, then in cache): ``sd = sum(x - K)`` and ``sq = sum((x - K)**2)`` give
     ``(K + sd/M, sq - sd**2/M)``, as the Cython kernels do.
     """
-    n_rows, n_ch, s = x.shape
-    x2 = x.reshape(n_rows, n_ch * s)
-    lo = c0 * s
-    hi = lo + gl * s
+    n_rows, _, s = x.shape
+    x2, lo, hi = group_run(x, c0, gl)
     sd = np.zeros(gl * s)
     sq = np.zeros(gl * s)
     k = np.zeros(gl * s)
@@ -445,11 +451,9 @@ def group_moments(x, c0, gl, m, m2):
 @inline
 def group_grad_sums(dy, x, c0, gl, mean, a, b):
     """a[j], b[j] = sum(dy) and sum(dy*(x-mean)) of channel c0 + j (as group_moments)."""
-    n_rows, n_ch, s = x.shape
-    g2 = dy.reshape(n_rows, n_ch * s)
-    x2 = x.reshape(n_rows, n_ch * s)
-    lo = c0 * s
-    hi = lo + gl * s
+    n_rows, _, s = x.shape
+    g2 = group_run(dy, c0, gl)[0]
+    x2, lo, hi = group_run(x, c0, gl)
     pa = np.zeros(gl * s)
     pb = np.zeros(gl * s)
     m = np.empty(gl * s)
