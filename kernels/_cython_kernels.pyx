@@ -1462,6 +1462,34 @@ cdef inline void _nhwc_rows_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, 
                 fastbn_rows_add_f64(x + r * C, FBN_STREAMS, part * C, C, kc)
 
 
+cdef inline void _nhwc_chunk_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, bint dev,
+                                 double* kc, double* sd, double* sdd) noexcept nogil:
+    """Rows ``[ra, rb)`` in order into ``kc`` (``dev`` false: ``kc = sum(x)``) or ``sd``,
+    ``sdd`` (``+= x - kc``, ``(x - kc)**2``), one chunk in cache.
+
+    Column blocks (``_cols_*``: 16 columns down all the rows, accumulators in registers),
+    except for rows a multiple of 2 KiB apart: the loads of a block then fall in one or two
+    L1 sets, and (512, 1024) float32 statistics took 1.35-1.46x as long as with tiles of
+    ``_GROUP_TILE`` rows in address order (``_group_tile``, accumulators loaded and stored
+    once per tile). The additions, and so the bits, are the same either way.
+    """
+    cdef idx_t r, c
+    if (C * sizeof(floating)) % 2048:
+        if dev:
+            _cols_dev_sq(x + ra * C, rb - ra, C, kc, sd, sdd)
+        else:
+            _cols_sum(x + ra * C, rb - ra, C, kc)
+        return
+    if not dev:
+        for c in range(C):
+            kc[c] = -0.0  # -0.0 + v is v, signed zeros included: the sum from row ra
+    r = ra
+    while r < rb:
+        _group_tile(x, x + r * C, _GROUP_TILE if r + _GROUP_TILE <= rb else <int>(rb - r),
+                    C, C, dev, kc, sd if dev else kc, sdd)
+        r += _GROUP_TILE
+
+
 cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br,
                         double* smean, double* sm2, double* t) noexcept nogil:
     """(mean, M2) per channel of rows ``[r0, r1)``, chunk by chunk; ``t`` is 3*C scratch.
@@ -1504,7 +1532,7 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
                     kc[c] = 0.0
                 _nhwc_rows_acc(x, C, ra, rb, part, False, kc, sd, sdd)
             else:
-                _cols_sum(x + ra * C, rb - ra, C, kc)
+                _nhwc_chunk_acc(x, C, ra, rb, False, kc, sd, sdd)
             for c in range(C):
                 kc[c] = kc[c] / k
         else:
@@ -1516,7 +1544,7 @@ cdef void _nhwc_moments(const floating* x, idx_t C, idx_t r0, idx_t r1, idx_t br
         if streamed:
             _nhwc_rows_acc(x, C, ra, rb, part, True, kc, sd, sdd)
         else:
-            _cols_dev_sq(x + ra * C, rb - ra, C, kc, sd, sdd)
+            _nhwc_chunk_acc(x, C, ra, rb, True, kc, sd, sdd)
         ik = 1.0 / k
         if na == 0.0:
             for c in range(C):

@@ -72,6 +72,7 @@ SHAPES = [
     (40000, 3),  # (R, C): M > CHUNK, four row chunks
     (560001, 1),  # (R, C): 18 chunks > MAX_STRIPES, uneven stripes
     (33, 130),  # many channels, fewer rows per chunk than channels
+    (300, 512),  # rows 2 KiB apart (float32): chunks read in row tiles; the last is short
     # (N, C, L)
     (2, 1, 1),  # S == 1, M == 2
     (3, 5, 1),  # S == 1

@@ -70,6 +70,7 @@ NHWC_SHAPES = [
     (100, 8193),
     (3, 40_000),
     (2049, 129),
+    (300, 512),  # rows 2 KiB apart (float32): chunks read in row tiles
     (1600, 2000),
 ]
 CASES = [("nchw", s) for s in NCHW_SHAPES] + [("nhwc", s) for s in NHWC_SHAPES]
@@ -318,6 +319,7 @@ BIG_CASES = [
     ("nhwc", (100, 8193)),
     ("nhwc", (3, 40_000)),
     ("nhwc", (2049, 129)),
+    ("nhwc", (1000, 512)),  # rows 2 KiB apart: chunks read in row tiles
     # Short rows: fused NCHW work units are groups of channels (two uneven groups here).
     ("nchw", (64, 40, 49)),
     # ... with a number of samples that is not a multiple of the group's tile of 8.
