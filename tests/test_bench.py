@@ -276,6 +276,14 @@ def test_time_entries_warms_up_and_interleaves() -> None:
     assert sum(done) == 3 * (2 + 3)
 
 
+def test_warm_calls_each_entry_again_right_before_its_timed_call() -> None:
+    calls: list[str] = []
+    entries = [bench.Entry(name, "out", lambda name=name: calls.append(name)) for name in "ab"]
+    bench.time_entries(entries, repeat=2, warmup=1, pause=0.0, warm=True)
+    assert calls == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]
+    assert all(len(e.times) == 2 for e in entries)
+
+
 def test_ratios_and_thread_scaling() -> None:
     def row(impl: str, threads: int, mode: str, t: float) -> dict[str, Any]:
         return {
@@ -489,11 +497,15 @@ def test_command_line_reproduces_the_configuration(tmp_path: Path) -> None:
     report = bench.run(config)
     command = bench.command_line(report).split()
     assert command[0] == "fastbn-bench"
+    assert "--warm" not in command
     again = bench.parse_args(command[1:])
     for name in ("shapes", "layouts", "dtypes", "ops", "threads", "impls", "modes"):
         assert getattr(again, name) == getattr(config, name), name
-    for name in ("repeat", "warmup", "pause", "copy_mib"):
+    for name in ("repeat", "warmup", "pause", "copy_mib", "warm"):
         assert getattr(again, name) == getattr(config, name), name
+    warm = bench.run(bench.parse_args([*command[1:], "--warm", "--no-progress"]))
+    assert warm["config"]["warm"] is True
+    assert bench.parse_args(bench.command_line(warm).split()[1:]).warm
 
 
 #: Medians (ms) of the synthetic report at 1 thread, NCHW; NHWC takes twice as long and

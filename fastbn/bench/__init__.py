@@ -24,6 +24,11 @@ Measurement
   with a short ``--pause`` before each call (at most that implementation's previous call
   time) so that a runtime's spinning worker threads do not steal cores from the next
   call. The reported time is the median over the rounds.
+* ``--warm`` calls each implementation once more, untimed, right before each of its timed
+  calls (after the pause): its input and output are then in cache when they fit, as for a
+  layer whose input the previous layer just wrote. Without it, the other implementations
+  and the roofline run between two calls of one implementation, so its data has left the
+  caches. The thread-scaling target of issue 4 ("in-cache shapes") is measured with it.
 * Outputs allocated fresh by each call (``mode = "fresh"``) and outputs written into a
   preallocated, pre-faulted array (``mode = "out"``: fastbn's ``out=``, ONNX Runtime's
   I/O binding) are reported separately.
@@ -94,7 +99,7 @@ JSON schema (``--json FILE``, ``"version": 2``)
 "machine": {"python", "platform", "processor", "cpus", "l2_bytes", "numpy", "fastbn",
 "backends": [str], "peers": {name: version or null}},
 "config": {"shapes": [[int]], "layouts": [str], "dtypes": [str], "ops": [str],
-"threads": [int], "implementations": [str], "modes": [str], "repeat", "warmup", "pause"},
+"threads": [int], "implementations": [str], "modes": [str], "repeat", "warmup", "pause", "warm"},
 "copy": [{"threads", "nbytes", "gbps", "method", "methods": {name: gbps},
 "fresh_gbps"}], "notes": [str],
 "results": [{"shape": [int], "array_shape": [int], "layout", "dtype", "op", "threads",

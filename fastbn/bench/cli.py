@@ -123,6 +123,8 @@ class Config:
         Timed rounds and untimed calls before them.
     pause : float
         Seconds slept before every timed call.
+    warm : bool
+        Call each implementation once, untimed, right before each of its timed calls.
     json_path, plot_path, markdown_path : str or None
         Output files.
     from_json : str or None
@@ -147,6 +149,7 @@ class Config:
     repeat: int = 7
     warmup: int = 1
     pause: float = 0.005
+    warm: bool = False
     json_path: str | None = None
     plot_path: str | None = None
     markdown_path: str | None = None
@@ -247,6 +250,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=0.005,
         help="seconds slept before each timed call (default: 0.005)",
+    )
+    parser.add_argument(
+        "--warm",
+        action="store_true",
+        help="call each implementation once, untimed, right before each of its timed calls "
+        "(after the pause): its input and output are then in cache when they fit, as for a "
+        "layer whose input was just written (the in-cache thread scaling)",
     )
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     parser.add_argument(
@@ -394,6 +404,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         repeat=repeat,
         warmup=warmup,
         pause=ns.pause,
+        warm=ns.warm,
         json_path=ns.json_path,
         plot_path=ns.plot_path,
         markdown_path=ns.markdown_path,

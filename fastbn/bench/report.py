@@ -334,6 +334,8 @@ def command_line(report: dict[str, Any]) -> str:
     ):
         if value != default:
             args += [flag, str(value)]
+    if cfg.get("warm"):
+        args.append("--warm")
     if any(r.get("peak_extra_bytes") is not None for r in report["results"]):
         args.append("--memory")
     if report.get("cold_start"):
