@@ -508,6 +508,30 @@ def test_command_line_reproduces_the_configuration(tmp_path: Path) -> None:
     assert bench.parse_args(bench.command_line(warm).split()[1:]).warm
 
 
+@pytest.mark.parametrize(("given", "value"), [("off", bench.STREAM_OFF), ("4096", 4096)])
+def test_stream_threshold_is_set_for_the_run_and_restored(
+    given: str, value: int, monkeypatch: Any
+) -> None:
+    default = fastbn.get_stream_threshold()
+    seen: list[int] = []
+    real = bench.time_entries
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(fastbn.get_stream_threshold())
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.timing, "time_entries", spy)
+    argv = [*TINY, "--op", "infer", "--backend", "numpy", "--no-progress"]
+    report = bench.run(bench.parse_args([*argv, "--stream-threshold", given]))
+    assert seen and set(seen) == {value}
+    assert fastbn.get_stream_threshold() == default
+    assert report["config"]["stream_threshold"] == value
+    assert any("--stream-threshold" in note for note in report["notes"])
+    command = bench.command_line(report).split()
+    assert command[command.index("--stream-threshold") + 1] == given
+    assert bench.parse_args(command[1:]).stream_threshold == value
+
+
 #: Medians (ms) of the synthetic report at 1 thread, NCHW; NHWC takes twice as long and
 #: every implementation but NumPy twice as fast with 2 threads.
 SYNTHETIC_MS = {

@@ -28,7 +28,10 @@ Measurement
   calls (after the pause): its input and output are then in cache when they fit, as for a
   layer whose input the previous layer just wrote. Without it, the other implementations
   and the roofline run between two calls of one implementation, so its data has left the
-  caches. The thread-scaling target of issue 4 ("in-cache shapes") is measured with it.
+  caches. The thread-scaling target of issue 4 ("in-cache shapes") is measured with it,
+  and with ``--stream-threshold off``: fastbn streams outputs of more than twice a core's
+  L2 to memory (``fastbn.set_stream_threshold``), which a layer whose output is read at
+  once from the last-level cache turns off.
 * Outputs allocated fresh by each call (``mode = "fresh"``) and outputs written into a
   preallocated, pre-faulted array (``mode = "out"``: fastbn's ``out=``, ONNX Runtime's
   I/O binding) are reported separately.
@@ -99,7 +102,8 @@ JSON schema (``--json FILE``, ``"version": 2``)
 "machine": {"python", "platform", "processor", "cpus", "l2_bytes", "numpy", "fastbn",
 "backends": [str], "peers": {name: version or null}},
 "config": {"shapes": [[int]], "layouts": [str], "dtypes": [str], "ops": [str],
-"threads": [int], "implementations": [str], "modes": [str], "repeat", "warmup", "pause", "warm"},
+"threads": [int], "implementations": [str], "modes": [str], "repeat", "warmup", "pause",
+"warm": bool, "stream_threshold": int or null},
 "copy": [{"threads", "nbytes", "gbps", "method", "methods": {name: gbps},
 "fresh_gbps"}], "notes": [str],
 "results": [{"shape": [int], "array_shape": [int], "layout", "dtype", "op", "threads",
@@ -150,6 +154,7 @@ from .cold import cold_start
 from .impls import (
     BASELINE,
     PEERS,
+    STREAM_OFF,
     fastbn_backends,
     impl_kind,
     impl_modes,
@@ -198,6 +203,7 @@ __all__ = [
     "PASSES",
     "PEERS",
     "SCHEMA_VERSION",
+    "STREAM_OFF",
     "Case",
     "Config",
     "Data",

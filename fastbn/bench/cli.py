@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from .cases import DEFAULT_SHAPES, DTYPES, LAYOUTS, MODES, OPS, Case, default_cases
-from .impls import BASELINE, PEERS, fastbn_backends
+from .impls import BASELINE, PEERS, STREAM_OFF, fastbn_backends
 from .machine import available_cpus, peer_missing
 
 _ALIASES = {"ort": "onnxruntime", "np": "numpy", "pytorch": "torch"}
@@ -111,6 +111,10 @@ def _nonnegative_int(text: str) -> int:
     return value
 
 
+def _stream_threshold(text: str) -> int:
+    return STREAM_OFF if text.strip().lower() == "off" else _nonnegative_int(text)
+
+
 @dataclass
 class Config:
     """Everything a run needs; built by :func:`parse_args`.
@@ -125,6 +129,8 @@ class Config:
         Seconds slept before every timed call.
     warm : bool
         Call each implementation once, untimed, right before each of its timed calls.
+    stream_threshold : int or None
+        fastbn's streaming-store threshold in bytes for the run (None: its default).
     json_path, plot_path, markdown_path : str or None
         Output files.
     from_json : str or None
@@ -150,6 +156,7 @@ class Config:
     warmup: int = 1
     pause: float = 0.005
     warm: bool = False
+    stream_threshold: int | None = None
     json_path: str | None = None
     plot_path: str | None = None
     markdown_path: str | None = None
@@ -257,6 +264,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="call each implementation once, untimed, right before each of its timed calls "
         "(after the pause): its input and output are then in cache when they fit, as for a "
         "layer whose input was just written (the in-cache thread scaling)",
+    )
+    parser.add_argument(
+        "--stream-threshold",
+        type=_stream_threshold,
+        default=None,
+        metavar="BYTES",
+        help="fastbn's output size from which streaming stores are used, for this run "
+        "(fastbn.set_stream_threshold; 'off': never; default: fastbn's, twice a core's L2)",
     )
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     parser.add_argument(
@@ -405,6 +420,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         warmup=warmup,
         pause=ns.pause,
         warm=ns.warm,
+        stream_threshold=ns.stream_threshold,
         json_path=ns.json_path,
         plot_path=ns.plot_path,
         markdown_path=ns.markdown_path,

@@ -390,3 +390,22 @@ def thread_scope(impls: Sequence[str], n: int) -> Iterator[None]:
             torch.set_num_threads(n)
             stack.callback(torch.set_num_threads, old)
         yield
+
+
+#: ``--stream-threshold off``: no output is large enough for streaming stores.
+STREAM_OFF = 2**62
+
+
+@contextlib.contextmanager
+def stream_scope(nbytes: int | None) -> Iterator[None]:
+    """fastbn's streaming-store threshold set to `nbytes` (None: left as it is), restored
+    on exit."""
+    if nbytes is None:
+        yield
+        return
+    old = fastbn.get_stream_threshold()
+    fastbn.set_stream_threshold(nbytes)
+    try:
+        yield
+    finally:
+        fastbn.set_stream_threshold(old)

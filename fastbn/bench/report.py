@@ -10,7 +10,7 @@ import numpy as np
 
 from .cases import DEFAULT_SHAPES, LAYOUTS, MODES, OPS, PASSES
 from .cli import Config
-from .impls import BASELINE, PEERS, has_out_mode
+from .impls import BASELINE, PEERS, STREAM_OFF, has_out_mode
 from .timing import SCHEMA_VERSION
 
 _SHORT = {"torch": "torch", "onnxruntime": "ort", "numpy": "numpy"}
@@ -336,6 +336,9 @@ def command_line(report: dict[str, Any]) -> str:
             args += [flag, str(value)]
     if cfg.get("warm"):
         args.append("--warm")
+    threshold = cfg.get("stream_threshold")
+    if threshold is not None:
+        args += ["--stream-threshold", "off" if threshold >= STREAM_OFF else str(threshold)]
     if any(r.get("peak_extra_bytes") is not None for r in report["results"]):
         args.append("--memory")
     if report.get("cold_start"):

@@ -18,11 +18,13 @@ from .cold import cold_start
 from .impls import (
     BASELINE,
     PEERS,
+    STREAM_OFF,
     copy_callable,
     floor_callable,
     impl_kind,
     impl_modes,
     make_callable,
+    stream_scope,
     supports,
     thread_scope,
 )
@@ -254,7 +256,17 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
         disable=not config.progress,
         transient=True,
     )
-    with progress:
+    if config.stream_threshold is not None:
+        notes.append(
+            "fastbn: streaming stores "
+            + (
+                "off"
+                if config.stream_threshold >= STREAM_OFF
+                else f"for outputs of at least {config.stream_threshold} bytes"
+            )
+            + " in this run (--stream-threshold)"
+        )
+    with progress, stream_scope(config.stream_threshold):
         task = progress.add_task("copy bandwidth", total=total + len(config.threads))
         for n in config.threads:
             copy[n] = measure_copy_bandwidth(n, config.copy_mib * 1024 * 1024)
@@ -330,6 +342,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             "warmup": config.warmup,
             "pause": config.pause,
             "warm": config.warm,
+            "stream_threshold": config.stream_threshold,
         },
         "copy": [copy[n] for n in config.threads],
         "notes": notes,
