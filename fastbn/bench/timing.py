@@ -257,15 +257,12 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
         transient=True,
     )
     if config.stream_threshold is not None:
-        notes.append(
-            "fastbn: streaming stores "
-            + (
-                "off"
-                if config.stream_threshold >= STREAM_OFF
-                else f"for outputs of at least {config.stream_threshold} bytes"
-            )
-            + " in this run (--stream-threshold)"
+        what = (
+            "off"
+            if config.stream_threshold >= STREAM_OFF
+            else f"for outputs of at least {config.stream_threshold} bytes"
         )
+        notes.append(f"fastbn: streaming stores {what} in this run (--stream-threshold)")
     with progress, stream_scope(config.stream_threshold):
         task = progress.add_task("copy bandwidth", total=total + len(config.threads))
         for n in config.threads:
