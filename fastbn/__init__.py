@@ -6,7 +6,7 @@ interchangeable backends: parallel Numba kernels, Cython/OpenMP kernels and numb
 """
 
 from ._config import show_config
-from ._stores import get_stream_threshold, set_stream_threshold
+from ._stores import get_stream_threshold, set_stream_threshold, stream_threshold
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .backends import BackendUnavailableError, available_backends
 from .functional import batch_norm, batch_norm_backward, batch_norm_train, moments
@@ -29,4 +29,5 @@ __all__ = [
     "set_num_threads",
     "set_stream_threshold",
     "show_config",
+    "stream_threshold",
 ]

@@ -7,7 +7,9 @@ than in cache when the call returns. Speed only: the results are the same bits e
 
 from __future__ import annotations
 
+import contextlib
 import operator
+from collections.abc import Iterator
 
 from .backends import cython_cpu, numba_cpu
 
@@ -56,3 +58,23 @@ def set_stream_threshold(nbytes: int | None) -> None:
     numba_cpu.stream_min_bytes(nbytes)
     if cython_cpu.is_available():
         cython_cpu.stream_min_bytes(nbytes)
+
+
+@contextlib.contextmanager
+def stream_threshold(nbytes: int | None) -> Iterator[None]:
+    """Set the streaming-store threshold (`set_stream_threshold`) for a ``with`` block.
+
+    The previous threshold is restored on exit, also after an exception. Like
+    `set_stream_threshold`, this is a process-wide setting, not a per-thread one.
+
+    Parameters
+    ----------
+    nbytes : int or None
+        As for `set_stream_threshold` (None: the default).
+    """
+    old = get_stream_threshold()
+    set_stream_threshold(nbytes)
+    try:
+        yield
+    finally:
+        set_stream_threshold(old)

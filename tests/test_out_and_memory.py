@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from contextlib import contextmanager
-
 import numpy as np
 import pytest
 
@@ -110,17 +107,6 @@ def test_out_same_bits_as_fresh(backend, dtype, layout, shape):
             assert_same_bits(f"dbias (out={target})", db, fdb, case)
 
 
-@contextmanager
-def stream_threshold(nbytes: int) -> Iterator[None]:
-    """Streaming stores from `nbytes` on (both CPU backends) for the duration."""
-    old = fastbn.get_stream_threshold()
-    fastbn.set_stream_threshold(nbytes)
-    try:
-        yield
-    finally:
-        fastbn.set_stream_threshold(old)
-
-
 def line_offset_like(x: np.ndarray, shift: int) -> np.ndarray:
     """An empty array like `x` starting `shift` elements after a cache-line boundary."""
     buf = np.empty(x.size + 64, x.dtype)
@@ -149,9 +135,9 @@ def test_streaming_stores_same_bits(backend, dtype, layout, shape):
     )
     for name, op in ops:
         case = Case(backend, dtype, x.shape, layout, name)
-        with stream_threshold(1 << 62):
+        with fastbn.stream_threshold(1 << 62):
             want = op(x, None)
-        with stream_threshold(0):
+        with fastbn.stream_threshold(0):
             for shift in (0, 1, 3, 5, 9):
                 out = line_offset_like(x, shift)
                 op(x, out)
@@ -178,6 +164,22 @@ def test_stream_threshold_set_get_and_bad_values():
             assert cython_cpu.stream_min_bytes() == default
     finally:
         fastbn.set_stream_threshold(None)
+
+
+def test_stream_threshold_context_restores_the_previous_value():
+    default = fastbn.get_stream_threshold()
+    with fastbn.stream_threshold(4096):
+        assert fastbn.get_stream_threshold() == 4096
+        if cython_cpu.is_available():
+            assert cython_cpu.stream_min_bytes() == 4096
+        with pytest.raises(RuntimeError, match="inside"), fastbn.stream_threshold(None):
+            assert fastbn.get_stream_threshold() == default
+            raise RuntimeError("inside")
+        assert fastbn.get_stream_threshold() == 4096
+    assert fastbn.get_stream_threshold() == default
+    with pytest.raises(ValueError, match="nbytes"), fastbn.stream_threshold(-1):
+        pass
+    assert fastbn.get_stream_threshold() == default
 
 
 def bad_outs(x: np.ndarray):

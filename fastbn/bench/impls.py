@@ -396,16 +396,7 @@ def thread_scope(impls: Sequence[str], n: int) -> Iterator[None]:
 STREAM_OFF = 2**62
 
 
-@contextlib.contextmanager
-def stream_scope(nbytes: int | None) -> Iterator[None]:
-    """fastbn's streaming-store threshold set to `nbytes` (None: left as it is), restored
-    on exit."""
-    if nbytes is None:
-        yield
-        return
-    old = fastbn.get_stream_threshold()
-    fastbn.set_stream_threshold(nbytes)
-    try:
-        yield
-    finally:
-        fastbn.set_stream_threshold(old)
+def stream_scope(nbytes: int | None) -> contextlib.AbstractContextManager[None]:
+    """fastbn's streaming-store threshold set to `nbytes` for a ``with`` block (None: left
+    as it is)."""
+    return contextlib.nullcontext() if nbytes is None else fastbn.stream_threshold(nbytes)
