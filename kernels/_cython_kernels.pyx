@@ -42,7 +42,7 @@ a value.
 """
 
 from cython cimport floating
-from cython.parallel cimport prange, threadid
+from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
 from libc.stdlib cimport free, malloc
 
@@ -95,6 +95,8 @@ from _openmp_helpers cimport (
     fastbn_acc_dev_sq_f64,
     fastbn_acc_sum_dot_f32,
     fastbn_acc_sum_dot_f64,
+    fastbn_traffic_read,
+    fastbn_traffic_write,
 )
 
 ctypedef Py_ssize_t idx_t
@@ -1942,3 +1944,80 @@ def nhwc_backward_train(const floating[:, ::1] dy, const floating[:, ::1] x,
                 _nhwc_dx(gp, xp, dp, C, k * sr, e, t, t + W, t + 2 * W, t + 3 * W, st)
     finally:
         free(t)
+
+
+# ---------------------------------------------------------------------------------------
+# The benchmark's floor: the least memory traffic of an operation (fastbn-bench)
+# ---------------------------------------------------------------------------------------
+def traffic_floor(const unsigned char[::1] x, const unsigned char[::1] dy,
+                  unsigned char[::1] y, unsigned char[::1] dx, bint read_first, int nthreads):
+    """Move the bytes an operation must move, and nothing else (fastbn-bench's floor).
+
+    ``y = x`` and ``dx = x | dy`` (bitwise), each thread on one contiguous slice, with the
+    kernels' store rule (streaming stores for outputs of at least `stream_min_bytes`). With
+    `read_first`, every thread first reads its slices of ``x`` (and ``dy``) and all wait for
+    each other before any byte is written: the order of a training pass whose statistics
+    span the whole array.
+
+    Parameters
+    ----------
+    x : ndarray of uint8, C-contiguous
+        The input's bytes.
+    dy : ndarray of uint8 like x, or None
+        A second input (the output gradient): read, ORed into ``dx``.
+    y, dx : ndarray of uint8 like x, or None
+        Outputs (``dx`` needs ``dy``).
+    read_first : bool
+        Read the inputs in full before writing.
+    nthreads : int
+        Threads (slices).
+    """
+    cdef idx_t n = x.shape[0], per, k, lo, hi
+    cdef int nt = nthreads if nthreads > 0 else 1
+    cdef const unsigned char* xp = &x[0] if n else NULL
+    cdef const unsigned char* gp = NULL
+    cdef unsigned char* yp = NULL
+    cdef unsigned char* dp = NULL
+    cdef bint sy = False, sd = False
+    cdef unsigned long long* sink
+    for name, a in (("dy", dy), ("y", y), ("dx", dx)):
+        if a is not None and a.shape[0] != n:
+            raise ValueError(f"{name} has {a.shape[0]} bytes, x has {n}")
+    if dx is not None and dy is None:
+        raise ValueError("dx = x | dy needs dy")
+    if n == 0:
+        return
+    if dy is not None:
+        gp = &dy[0]
+    if y is not None:
+        yp = &y[0]
+        sy = _use_stream(yp, xp, gp, n, n)
+    if dx is not None:
+        dp = &dx[0]
+        sd = _use_stream(dp, xp, gp, n, n)
+    # Slices of whole 64-byte lines; one line of sink per thread (no shared line).
+    per = _ceil_div(_ceil_div(n, nt), 64) * 64
+    sink = <unsigned long long*>malloc(8 * nt * sizeof(unsigned long long))
+    if sink == NULL:
+        raise MemoryError()
+    try:
+        with nogil, parallel(num_threads=nt):
+            for k in prange(nt, schedule="static"):  # ends with a barrier
+                lo = k * per
+                hi = lo + per if lo + per < n else n
+                if read_first and lo < hi:
+                    sink[8 * k] = fastbn_traffic_read(xp + lo, hi - lo)
+                    if gp != NULL:
+                        sink[8 * k] |= fastbn_traffic_read(gp + lo, hi - lo)
+            for k in prange(nt, schedule="static"):
+                lo = k * per
+                hi = lo + per if lo + per < n else n
+                if lo < hi:
+                    if yp != NULL:
+                        fastbn_traffic_write(yp + lo, xp + lo, NULL, hi - lo, sy)
+                    if dp != NULL:
+                        fastbn_traffic_write(dp + lo, xp + lo, gp + lo, hi - lo, sd)
+                    if sy or sd:
+                        fastbn_sfence()
+    finally:
+        free(sink)

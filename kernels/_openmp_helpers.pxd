@@ -116,6 +116,14 @@ cdef extern from "_stream_stores.h":
                                const double* a, const double* q) noexcept nogil
 
 
+# The least-traffic passes of fastbn-bench's floor (see _traffic.h): bytes moved, nothing
+# computed.
+cdef extern from "_traffic.h":
+    unsigned long long fastbn_traffic_read(const unsigned char* p, Py_ssize_t n) noexcept nogil
+    void fastbn_traffic_write(unsigned char* dst, const unsigned char* a,
+                              const unsigned char* b, Py_ssize_t n, bint stream) noexcept nogil
+
+
 # Sums over a contiguous run into 16 float64 lanes, SIMD registers for the lanes (see
 # _lanes.h; same bits as the plain loops in every build).
 cdef extern from "_lanes.h":

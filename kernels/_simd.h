@@ -2,7 +2,8 @@
  *
  * FBN_W float64 lanes per vector: 512-bit vectors in the x86-64-v4 (AVX-512) build, 256-bit
  * in the x86-64-v3 (or AVX) one, 128-bit in the baseline SSE2 one; FASTBN_SIMD is 0 on other targets, which use the plain loops.
- * Only IEEE add/sub/mul and exact float32 widening: the builds give the same bits.
+ * Only IEEE add/sub/mul and exact float32 widening: the builds give the same bits (fbn_or,
+ * a bitwise OR, only moves bits: _traffic.h).
  */
 #ifndef FASTBN_SIMD_H
 #define FASTBN_SIMD_H
@@ -25,6 +26,7 @@
         _mm512_stream_ps((p), _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a)), \
                                                  _mm512_cvtpd_ps(b), 1))
     #define fbn_streamd(p, a) _mm512_stream_pd((p), (a))
+    #define fbn_or(a, b) _mm512_or_pd(a, b)
 #elif defined(__AVX__)
     #include <immintrin.h>
     #define FASTBN_SIMD 1
@@ -41,6 +43,7 @@
     #define fbn_streamf(p, a, b) \
         _mm256_stream_ps((p), _mm256_set_m128(_mm256_cvtpd_ps(b), _mm256_cvtpd_ps(a)))
     #define fbn_streamd(p, a) _mm256_stream_pd((p), (a))
+    #define fbn_or(a, b) _mm256_or_pd(a, b)
 #elif defined(__SSE2__)
     #include <emmintrin.h>
     #define FASTBN_SIMD 1
@@ -56,6 +59,7 @@
     #define fbn_streamf(p, a, b) \
         _mm_stream_ps((p), _mm_movelh_ps(_mm_cvtpd_ps(a), _mm_cvtpd_ps(b)))
     #define fbn_streamd(p, a) _mm_stream_pd((p), (a))
+    #define fbn_or(a, b) _mm_or_pd(a, b)
 #else
     #define FASTBN_SIMD 0
 #endif

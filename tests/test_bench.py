@@ -7,7 +7,6 @@ import os
 import re
 import sys
 import types
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,10 @@ from fastbn import bench, reference
 
 TINY = ["--shape", "4,3,5,5", "--repeat", "2", "--warmup", "1", "--copy-mib", "1"]
 #: The end of a Markdown table title when the report has a floor.
-FLOOR_TITLE = "; floor = least-traffic parallel NumPy copy/add of the same bytes, same run"
+FLOOR_TITLE = (
+    "; floor = least traffic of the same bytes (a C loop moving them, nothing computed; "
+    "channels last: inputs read in full first), same run"
+)
 CPU_BACKENDS = bench.fastbn_backends()
 
 
@@ -230,32 +232,80 @@ def test_every_callable_computes_batch_norm(impl: str, layout: str, op: str) -> 
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-5, err_msg=f"{mode}")
 
 
+def _bits(a: np.ndarray) -> np.ndarray:
+    return a.view(f"u{a.itemsize}")
+
+
 @pytest.mark.parametrize("threads", [1, 2])
 @pytest.mark.parametrize("mode", bench.MODES)
 @pytest.mark.parametrize("op", bench.OPS)
-def test_floor_copies_or_adds(op: str, mode: str, threads: int) -> None:
-    case = bench.Case((5, 3, 7), "NHWC", op, "float32")  # 105 values: unequal slices
+@pytest.mark.parametrize("dtype", ["float32", "float64"])
+def test_floor_moves_the_bytes(op: str, mode: str, threads: int, dtype: str) -> None:
+    case = bench.Case((5, 3, 7), "NHWC", op, dtype)  # 105 values: unequal slices
     data = bench.make_data(case, seed=2)
-    with ThreadPoolExecutor(threads) as pool:
-        result = bench.impls.floor_callable(case, data, mode, threads, pool)()
-    outputs = []  # (returned, expected, preallocated buffer)
+    result = bench.impls.floor_callable(case, data, mode, threads)()
+    x, dy = _bits(data.x), _bits(data.dy)
+    outputs = []  # (returned, expected bits, preallocated buffer)
     if op == "fwdbwd":
-        outputs = [(result[0], data.x, data.y_out), (result[1], data.x + data.dy, data.dx_out)]
+        outputs = [(result[0], x, data.y_out), (result[1], x | dy, data.dx_out)]
     elif op == "backward":
-        outputs = [(result, data.x + data.dy, data.dx_out)]
+        outputs = [(result, x | dy, data.dx_out)]
     else:
-        outputs = [(result, data.x, data.y_out)]
+        outputs = [(result, x, data.y_out)]
     for got, expected, buffer in outputs:
         assert got.shape == data.x.shape and got.dtype == data.x.dtype
-        np.testing.assert_array_equal(got, expected)
+        np.testing.assert_array_equal(_bits(got), expected, err_msg=f"{case.id} {mode}")
         assert (got is buffer) == (mode == "out")  # fresh: a new array every call
+
+
+@pytest.mark.parametrize(
+    ("shape", "layout", "op", "read_first"),
+    [
+        ((5, 3, 7), "NHWC", "train", True),  # read x, then copy
+        ((5, 3, 7), "NHWC", "backward", True),  # read x and dy, then write dx
+        ((5, 3, 7), "NHWC", "fwdbwd", True),
+        ((5, 3, 7), "NHWC", "infer", False),  # given statistics: nothing to read first
+        ((6, 4), "NHWC", "train", True),
+        ((5, 3, 1, 1), "NCHW", "train", True),  # one value per sample: channels interleave
+        ((5, 3, 7), "NCHW", "train", False),  # channel blocks: reads and writes overlap
+        ((5, 3, 7), "NCHW", "fwdbwd", False),
+    ],
+)
+def test_floor_reads_what_the_statistics_need_first(
+    shape: tuple[int, ...], layout: str, op: str, read_first: bool, monkeypatch: Any
+) -> None:
+    case = bench.Case(shape, layout, op, "float32")
+    assert bench.impls.statistics_span_the_array(case) == (layout == "NHWC" or read_first)
+    calls = []
+    monkeypatch.setattr(
+        "fastbn.backends.cython_cpu.traffic_floor", lambda *args: calls.append(args)
+    )
+    bench.impls.floor_callable(case, bench.make_data(case, seed=3), "out", 2)()
+    [(_, dy, y, dx, first, threads)] = calls
+    assert (first, threads) == (read_first, 2)
+    wants_dx = op in ("backward", "fwdbwd")
+    assert (dy is not None, dx is not None) == (wants_dx, wants_dx)
+    assert (y is not None) == (op != "backward")
+
+
+def test_floor_unavailable_without_the_extension_or_its_openmp(monkeypatch: Any) -> None:
+    from fastbn.backends import cython_cpu
+
+    assert bench.impls.floor_unavailable([1, 2]) is None or not cython_cpu.openmp_enabled()
+    monkeypatch.setattr(cython_cpu, "openmp_enabled", lambda: False)
+    assert "without OpenMP" in bench.impls.floor_unavailable([1, 2])
+    assert bench.impls.floor_unavailable([1]) is None
+    monkeypatch.setattr(cython_cpu, "is_available", lambda: False)
+    assert "needs the cython backend" in bench.impls.floor_unavailable([1])
+    config = bench.parse_args([*TINY, "--op", "infer", "--threads", "1"])
+    assert all(not floor_modes for _, _, floor_modes in bench.timing._plan(config))
 
 
 def test_floor_needs_the_output_gradient() -> None:
     case = bench.Case((4, 3), "NHWC", "backward")
     data = bench.make_data(case, with_dy=False)
-    with ThreadPoolExecutor(1) as pool, pytest.raises(ValueError, match="with_dy"):
-        bench.impls.floor_callable(case, data, "out", 1, pool)
+    with pytest.raises(ValueError, match="with_dy"):
+        bench.impls.floor_callable(case, data, "out", 1)
 
 
 # -- timing loop ------------------------------------------------------------------------

@@ -536,6 +536,38 @@ def test_streaming_stores_give_the_same_bits(
             module.stream_min_bytes(old)
 
 
+@pytest.mark.parametrize("nbytes", [0, 1, 63, 64, 1000, 4099, 70_001])
+def test_traffic_floor_moves_the_bytes(nbytes: int) -> None:
+    """The bench's floor loop: ``y = x`` and ``dx = x | dy`` bit for bit, on every build,
+    thread count, store kind (the threshold at 0 streams), output offset and read order."""
+    rng = np.random.default_rng(nbytes)
+    x = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    dy = rng.integers(0, 256, nbytes, dtype=np.uint8)
+    for module in _builds():
+        for threshold in (0, None):
+            old = module.stream_min_bytes(threshold)
+            try:
+                for shift, nthreads, first in [(0, 1, True), (5, 2, False), (17, 3, True)]:
+                    y, dx = (np.empty(nbytes + 128, np.uint8) for _ in range(2))
+                    y = y[-y.ctypes.data % 64 + shift :][:nbytes]  # `shift` after a line
+                    dx = dx[-dx.ctypes.data % 64 + shift + 3 :][:nbytes]
+                    module.traffic_floor(x, dy, y, dx, first, nthreads)
+                    what = f"{module.build_simd()} n={nbytes} shift={shift} threads={nthreads}"
+                    assert np.array_equal(y, x), f"y {what}"
+                    assert np.array_equal(dx, x | dy), f"dx {what}"
+                    module.traffic_floor(x, None, None, None, first, nthreads)  # reads only
+            finally:
+                module.stream_min_bytes(old)
+
+
+def test_traffic_floor_checks_its_arrays() -> None:
+    x = np.zeros(16, np.uint8)
+    with pytest.raises(ValueError, match="needs dy"):
+        cython_cpu.traffic_floor(x, None, None, x.copy(), False, 1)
+    with pytest.raises(ValueError, match="y has 15 bytes"):
+        cython_cpu.traffic_floor(x, None, x[:15].copy(), None, False, 1)
+
+
 def test_stream_threshold() -> None:
     """The streaming threshold is positive by default, settable, and rejects negatives."""
     for module in _builds():

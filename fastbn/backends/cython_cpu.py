@@ -31,6 +31,7 @@ __all__ = [
     "max_threads",
     "openmp_enabled",
     "stream_min_bytes",
+    "traffic_floor",
     "unavailable_reason",
 ]
 
@@ -167,6 +168,38 @@ def kernels(layout: str) -> dict[str, Callable[..., None]]:
         table = {name: getattr(mod, f"{layout}_{name}") for name in KERNEL_NAMES}
         _tables[layout] = table
     return dict(table)
+
+
+def traffic_floor(
+    x: Any,
+    dy: Any,
+    y: Any,
+    dx: Any,
+    read_first: bool,
+    nthreads: int,
+) -> None:
+    """The least memory traffic of an operation, for fastbn-bench's floor.
+
+    Parameters
+    ----------
+    x, dy : ndarray of uint8, C-contiguous
+        Input bytes (`dy` may be None).
+    y, dx : ndarray of uint8 like `x`, or None
+        Receive ``x`` and ``x | dy`` (bitwise), with the kernels' store rule.
+    read_first : bool
+        Read the inputs in full (every thread) before the first write.
+    nthreads : int
+        Threads, one contiguous slice each.
+
+    Raises
+    ------
+    RuntimeError
+        If the extension is not available (see `unavailable_reason`).
+    """
+    mod = _extension()
+    if mod is None:
+        raise RuntimeError(f"the cython backend is unavailable: {unavailable_reason()}")
+    mod.traffic_floor(x, dy, y, dx, read_first, nthreads)
 
 
 def stream_min_bytes(n: int | None = None) -> int:

@@ -48,23 +48,29 @@ Measurement
   ``prange`` copy loop. Bandwidth counts read + write bytes. The run also reports the
   bandwidth of copying into a freshly allocated array (page faults included).
 * The *floor* is timed *with every case*, interleaved like an implementation: the least
-  memory traffic any implementation of the operation must make, done by the simplest
-  parallel NumPy calls over the same bytes. It reads each input of the operation once and
-  writes each output once, nothing else: ``infer`` and ``train`` copy ``x`` into ``y``
-  (``train`` must also read ``x`` for its statistics; the floor ignores that, so it stays
-  a lower bound); ``backward`` computes ``dx = x + dy`` (``np.add(x, dy, out=dx)``);
-  ``fwdbwd`` does both, one after the other (each thread copies its slice of ``x`` into
-  ``y``, then adds its slices of ``x`` and ``dy`` into ``dx``). The flat arrays are split in
-  one contiguous slice per thread, run on the copy roofline's thread pool (called directly
-  with one thread). It is timed per mode: ``fresh`` allocates the outputs with
-  ``np.empty`` in every call (page faults included, as in the fresh implementations),
-  ``out`` writes into the preallocated, pre-faulted output buffers; the modes are those
-  of ``--mode``, plus ``fresh`` when NumPy or PyTorch (fresh only) are timed. ``floor_s``
-  of a row is the floor of its mode; ``floor_vs`` is ``time(peer) / floor_s`` with the peer
-  row chosen as for ``vs``: the largest ratio against that peer that any implementation
-  making the minimal traffic could reach in this run (a target above it is out of reach
-  on this machine). The tables show ``floor fresh`` (its median), ``torch / floor (fresh)``
-  and, for ``infer``, ``ORT out / floor out``.
+  memory traffic any implementation of the operation must make. One C loop of the Cython
+  extension (``traffic_floor``, OpenMP, one contiguous slice per thread) reads each input
+  of the operation once and writes each output once, computing nothing, with the
+  kernels' store rule (streaming stores for large outputs): ``infer`` and ``train`` copy
+  ``x`` into ``y``; ``backward`` writes ``dx = x | dy`` (bitwise); ``fwdbwd`` does both.
+  Channels-last data (NHWC, and 2-D shapes) interleaves the channels in every row, so no
+  output value can be written before the statistics have read the whole array: there
+  ``train`` first reads all of ``x``, ``backward`` and ``fwdbwd`` all of ``x`` and ``dy``
+  (every thread, and all wait before the first write; the copy may then find them in
+  cache, as an implementation may). Channels-first data holds a channel in one block per
+  sample, where the writes of one channel can overlap the reads of the next: the plain
+  copy (for ``train`` it leaves out the statistics' read of ``x``, so it stays a lower
+  bound). Without the Cython backend (or, above one thread, without its OpenMP) the
+  floor is not timed and a note says why. It is timed per mode: ``fresh`` allocates the
+  outputs with ``np.empty`` in every call (page faults included, as in the fresh
+  implementations), ``out`` writes into the preallocated, pre-faulted output buffers; the
+  modes are those of ``--mode``, plus ``fresh`` when NumPy or PyTorch (fresh only) are
+  timed. ``floor_s`` of a row is the floor of its mode; ``floor_vs`` is
+  ``time(peer) / floor_s`` with the peer row chosen as for ``vs``: the largest ratio
+  against that peer that any implementation making the minimal traffic could reach in
+  this run (a target above it is out of reach on this machine). The tables show
+  ``floor fresh`` (its median), ``torch / floor (fresh)`` and, for ``infer``,
+  ``ORT out / floor out``.
 * Effective bandwidth is ``passes * nbytes / median`` with the *nominal* pass count of the
   operation (read or write of one whole tensor each): train 3, infer 2, backward 5,
   fwdbwd 8; the roofline fractions use the same count. An NCHW kernel that keeps each
@@ -96,7 +102,7 @@ Implementations
     NHWC model would need Transpose nodes, so NHWC cases time ORT on the NCHW array of the
     same logical shape (noted in the output).
 
-JSON schema (``--json FILE``, ``"version": 2``)
+JSON schema (``--json FILE``, ``"version": 3``)
 -----------------------------------------------
 ``{"schema": "fastbn-bench", "version": 1, "created": ISO-8601 str,
 "machine": {"python", "platform", "processor", "cpus", "l2_bytes", "numpy", "fastbn",
@@ -120,7 +126,8 @@ Times are in seconds, bandwidths in GB/s (1e9 bytes/s), ``roofline`` is a fracti
 ``floor`` holds the floor medians, one item per case, thread count and floor mode.
 ``floor_vs`` has a key for each of torch, onnxruntime and numpy timed on the case, in every
 row (peer rows included). Version 1 (no ``floor``, ``floor_s``, ``floor_vs``) is still read
-by ``--from-json``; its tables have no floor columns.
+by ``--from-json``; its tables have no floor columns. Version 2 has the same fields; its
+floor was parallel NumPy (``copyto``, ``add``: ordinary stores), never reading first.
 
 Modules
 -------

@@ -229,18 +229,56 @@ def copy_callable(d: Data, threads: int, pool: ThreadPoolExecutor) -> Callable[[
     return lambda: list(pool.map(lambda b: np.copyto(dst[b[0] : b[1]], src[b[0] : b[1]]), bounds))
 
 
-def floor_callable(
-    case: Case, d: Data, mode: str, threads: int, pool: ThreadPoolExecutor
-) -> Callable[[], object]:
-    """The least memory traffic of `case`'s operation, by parallel NumPy (the floor).
+def statistics_span_the_array(case: Case) -> bool:
+    """Whether every value of `case`'s array is needed before any output can be written.
 
-    Every input of the operation is read once and every output written once, nothing
-    else: ``infer`` and ``train`` copy ``x`` into ``y`` (train's statistics, which need
-    another read of ``x``, are ignored, so the floor stays a lower bound); ``backward``
-    computes ``dx = x + dy``; ``fwdbwd`` does both, each thread copying its slice of ``x``
-    into ``y`` and then adding its slices of ``x`` and ``dy`` into ``dx``. The flat arrays
-    are split in `threads` contiguous slices, one per task of `pool` (called directly with
-    one thread); NumPy releases the GIL.
+    True for channels-last data (NHWC, and ``(N, C)`` or ``(N, C, 1, ...)`` shapes, whose
+    channels interleave in every row): each channel's statistics need values from the
+    whole array. Channels-first data holds each channel in one block of memory per sample,
+    so the outputs of one channel can be written while the next channel is read.
+    """
+    spatial = int(np.prod(case.shape[2:], dtype=np.int64))
+    return case.layout == "NHWC" or len(case.shape) == 2 or spatial == 1
+
+
+def floor_unavailable(threads: Sequence[int]) -> str | None:
+    """Why the floor cannot be timed at these thread counts (None when it can).
+
+    The floor runs on the Cython extension's C loop (``traffic_floor``): it needs that
+    backend, and OpenMP for more than one thread.
+    """
+    from fastbn.backends import cython_cpu
+
+    if not cython_cpu.is_available():
+        return f"floor not timed: it needs the cython backend ({cython_cpu.unavailable_reason()})"
+    if max(threads) > 1 and not cython_cpu.openmp_enabled():
+        return "floor not timed: the cython backend was built without OpenMP (one thread only)"
+    return None
+
+
+def _bytes(a: np.ndarray | None) -> np.ndarray | None:
+    return None if a is None else a.reshape(-1).view(np.uint8)
+
+
+def floor_callable(case: Case, d: Data, mode: str, threads: int) -> Callable[[], object]:
+    """The least memory traffic of `case`'s operation (the floor), by one C loop.
+
+    Every input of the operation is read once and every output written once, and nothing
+    is computed (the Cython extension's ``traffic_floor``: bytes moved with the kernels'
+    store rule, streaming stores for large outputs; one contiguous slice per thread):
+    ``infer`` and ``train`` copy ``x`` into ``y``; ``backward`` writes ``dx = x | dy``
+    (bitwise: both inputs read once); ``fwdbwd`` does both.
+
+    When the statistics of a channel span the whole array (see
+    :func:`statistics_span_the_array`), no output can be written before every input value
+    its statistics need has been read: ``train`` needs all of ``x`` (the batch
+    statistics), ``backward`` and ``fwdbwd`` all of ``x`` and ``dy`` (the gradient sums;
+    ``fwdbwd`` could gather them in the forward's pass, so one read of each counts). The
+    floor then reads those inputs in full first, every thread waiting for the others
+    before the first write; the copy may find them in cache, as an implementation may.
+    Channels-first inputs hold each channel in one block per sample, where the reads of
+    one channel overlap the writes of another: the plain copy, as for ``infer`` (whose
+    statistics are given).
 
     Parameters
     ----------
@@ -254,9 +292,7 @@ def floor_callable(
         faults are timed, as in the fresh implementations); ``out``: they are ``d``'s
         preallocated, pre-faulted ``y_out`` and ``dx_out``.
     threads : int
-        Number of slices (and tasks).
-    pool : concurrent.futures.ThreadPoolExecutor
-        Runs the slices when `threads` > 1 (the pool of the copy roofline).
+        Number of slices (and threads).
 
     Returns
     -------
@@ -264,59 +300,32 @@ def floor_callable(
         Returns ``y`` (infer, train), ``dx`` (backward) or ``(y, dx)`` (fwdbwd), shaped
         like ``d.x``.
     """
+    from fastbn.backends import cython_cpu
+
     wants_y = case.op != "backward"
     wants_dx = case.op in ("backward", "fwdbwd")
-    if wants_dx and d.dy is None:
+    if wants_dx and (d.dy is None or d.dx_out is None):
         raise ValueError(f"{case.op} needs Data made with with_dy=True")
-    x = d.x.reshape(-1)
-    dy = d.dy.reshape(-1) if d.dy is not None else x
-    n = x.size
-    bounds = [(i * n // threads, (i + 1) * n // threads) for i in range(threads)]
+    if mode not in ("fresh", "out"):
+        raise ValueError(f"unknown mode {mode!r}")
+    read_first = case.op != "infer" and statistics_span_the_array(case)
+    x, dy = _bytes(d.x), _bytes(d.dy) if wants_dx else None
+    traffic = cython_cpu.traffic_floor
+    shape, dtype = d.x.shape, d.x.dtype
 
-    def part(y: np.ndarray | None, dx: np.ndarray | None, lo: int, hi: int) -> None:
-        if y is not None:
-            np.copyto(y[lo:hi], x[lo:hi])
-        if dx is not None:
-            np.add(x[lo:hi], dy[lo:hi], out=dx[lo:hi])
-
-    def fill(y: np.ndarray | None, dx: np.ndarray | None) -> None:
-        if threads == 1:
-            part(y, dx, 0, n)
+    def floor() -> object:
+        if mode == "out":
+            y = d.y_out if wants_y else None
+            dx = d.dx_out if wants_dx else None
         else:
-            list(pool.map(lambda b: part(y, dx, b[0], b[1]), bounds))
-
-    def result(y: np.ndarray | None, dx: np.ndarray | None) -> object:
+            y = np.empty(shape, dtype) if wants_y else None
+            dx = np.empty(shape, dtype) if wants_dx else None
+        traffic(x, dy, _bytes(y), _bytes(dx), read_first, threads)
         if y is not None and dx is not None:
             return y, dx
         return y if y is not None else dx
 
-    if mode == "out":
-        if wants_dx and d.dx_out is None:
-            raise ValueError(f"{case.op} needs Data made with with_dy=True")
-        y_out = d.y_out if wants_y else None
-        dx_out = d.dx_out if wants_dx else None
-        y_flat = y_out.reshape(-1) if y_out is not None else None
-        dx_flat = dx_out.reshape(-1) if dx_out is not None else None
-
-        def floor_out() -> object:
-            fill(y_flat, dx_flat)
-            return result(y_out, dx_out)
-
-        return floor_out
-    if mode != "fresh":
-        raise ValueError(f"unknown mode {mode!r}")
-    shape, dtype = d.x.shape, d.x.dtype
-
-    def floor_fresh() -> object:
-        y = np.empty(shape, dtype) if wants_y else None
-        dx = np.empty(shape, dtype) if wants_dx else None
-        fill(
-            y.reshape(-1) if y is not None else None,
-            dx.reshape(-1) if dx is not None else None,
-        )
-        return result(y, dx)
-
-    return floor_fresh
+    return floor
 
 
 def impl_kind(impl: str) -> str:

@@ -405,6 +405,14 @@ def _fmt_ms(row: dict[str, Any] | None) -> str:
     return "-" if row is None else f"{row['median_s'] * 1e3:.2f}"
 
 
+#: What the floor of a report is, by schema version (None: the current one).
+_FLOOR_TITLES: dict[Any, str] = {
+    2: "least-traffic parallel NumPy copy/add of the same bytes, same run",
+    None: "least traffic of the same bytes (a C loop moving them, nothing computed; "
+    "channels last: inputs read in full first), same run",
+}
+
+
 def _md_op_section(
     title: str, rows: list[dict[str, Any]], multi_dtype: bool, report: dict[str, Any]
 ) -> list[str]:
@@ -469,7 +477,7 @@ def _md_op_section(
         lines.append(cells)
     what = "ms, median" + ("; ratio = peer time / fastbn time, same run" if ratios else "")
     if floor_names:
-        what += "; floor = least-traffic parallel NumPy copy/add of the same bytes, same run"
+        what += f"; floor = {_FLOOR_TITLES.get(report.get('version'), _FLOOR_TITLES[None])}"
     return ["", f"{title} ({what})", "", *_md_table(header, lines)]
 
 

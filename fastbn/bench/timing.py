@@ -21,6 +21,7 @@ from .impls import (
     STREAM_OFF,
     copy_callable,
     floor_callable,
+    floor_unavailable,
     impl_kind,
     impl_modes,
     make_callable,
@@ -33,7 +34,7 @@ from .machine import available_cpus, l2_cache_bytes, machine_info, measure_copy_
 if TYPE_CHECKING:
     from .cli import Config
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 #: The same-size parallel copy timed with every case (the roofline), never a result row.
 COPY = "copy"
 #: The least-traffic NumPy version of each case's operation, timed per mode with every
@@ -42,10 +43,13 @@ FLOOR = "floor"
 #: A note of every report: the definition of the floor.
 FLOOR_NOTE = (
     "floor: the least memory traffic of the op, each input read once and each output "
-    "written once, by parallel NumPy on the same bytes (infer/train: y = copy of x; "
-    "backward: dx = x + dy; fwdbwd: both), per mode (fresh: np.empty outputs; out: "
-    "preallocated), timed with the implementations; time(peer) / floor is the largest "
-    "ratio against that peer any implementation could reach here"
+    "written once and nothing computed, by one C loop with fastbn's store rule (Cython "
+    "extension's traffic_floor; infer/train: y = x; backward: dx = x | dy; fwdbwd: both; "
+    "channels last, where every output waits for statistics over the whole array, "
+    "train/backward/fwdbwd first read x (and dy) in full on every thread), per mode "
+    "(fresh: np.empty outputs; out: preallocated), timed with the implementations; "
+    "time(peer) / floor is the largest ratio against that peer any implementation could "
+    "reach here"
 )
 
 
@@ -156,9 +160,11 @@ def _plan(config: Config) -> list[tuple[Case, list[tuple[str, str]], list[str]]]
     of ``config.threads``).
 
     The floor is timed in every mode of ``config.modes`` and in ``fresh`` when a timed
-    implementation has only that mode (NumPy, PyTorch), so every row has its floor.
+    implementation has only that mode (NumPy, PyTorch), so every row has its floor; in no
+    mode when it cannot run (:func:`~fastbn.bench.impls.floor_unavailable`).
     """
     plan = []
+    with_floor = floor_unavailable(config.threads) is None
     for case in config.cases():
         pairs = [
             (impl, mode)
@@ -167,7 +173,7 @@ def _plan(config: Config) -> list[tuple[Case, list[tuple[str, str]], list[str]]]
             for mode in impl_modes(impl, case, config.modes)
         ]
         used = {mode for _, mode in pairs} | set(config.modes)
-        floor_modes = [mode for mode in MODES if mode in used]
+        floor_modes = [mode for mode in MODES if mode in used and with_floor]
         plan.append((case, pairs, floor_modes))
     return plan
 
@@ -227,7 +233,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             "torch: F.batch_norm with running stats (BatchNorm2d's call); backward = "
             "aten.native_batch_norm_backward; fwdbwd = autograd"
         )
-    notes.append(FLOOR_NOTE)
+    notes.append(floor_unavailable(config.threads) or FLOOR_NOTE)
     notes.append(
         "passes (nominal, used for GB/s and roofline): train 3, infer 2, backward 5, "
         "fwdbwd 8; NCHW channel slices within L2 "
@@ -292,7 +298,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                         ]
                     entries.append(Entry(COPY, "out", copy_callable(data, n, pool), n))
                     entries += [
-                        Entry(FLOOR, mode, floor_callable(case, data, mode, n, pool), n)
+                        Entry(FLOOR, mode, floor_callable(case, data, mode, n), n)
                         for mode in floor_modes
                     ]
                 if len(config.threads) == 1:
