@@ -36,8 +36,10 @@ order.
 
 All reductions use 16 float64 lanes with a fixed fold, so the bits do not depend on the
 thread count nor on the SIMD width the compiler chose (the portable and x86-64-v3 builds
-agree). Elementwise maths is done in float64 and rounded once to the data type. Large NCHW
-outputs are written with streaming stores (see ``stream_min_bytes``); stores never change
+agree). Elementwise maths is done in float64 and rounded once to the data type
+(``y = (x - mean) * scale + bias``; float32 outputs as ``x * scale + shift`` with
+``shift = bias - mean * scale``, see ``_elementwise.h``). Large NCHW outputs are written
+with streaming stores (see ``stream_min_bytes``); stores never change
 a value.
 """
 
@@ -73,6 +75,7 @@ from _openmp_helpers cimport (
     fastbn_sfence,
     fastbn_apply_f32,
     fastbn_apply_f64,
+    fastbn_shift,
     fastbn_apply_cols_f32,
     fastbn_apply_cols_f64,
     fastbn_dx_f32,
@@ -445,7 +448,8 @@ cdef inline void _cols_dev_sq(const floating* x, idx_t rows, idx_t C, const doub
 # every store when the output sits 16-63 bytes after the input modulo 1 MiB (3.5x slower).
 cdef inline void _apply(const floating* x, floating* y, idx_t n,
                         double m, double sc, double b) noexcept nogil:
-    """``y = (x - m) * sc + b`` in float64, rounded once."""
+    """``y = (x - m) * sc + b`` in float64, rounded once (float32: ``x * sc + shift``, see
+    ``fastbn_apply_f32``)."""
     if floating is float:
         fastbn_apply_f32(x, y, n, m, sc, b)
     else:
@@ -454,11 +458,21 @@ cdef inline void _apply(const floating* x, floating* y, idx_t n,
 
 cdef inline void _apply_cols(const floating* x, floating* y, idx_t n, const double* m,
                              const double* sc, const double* b) noexcept nogil:
-    """``y = (x - m) * sc + b`` with constants per value."""
+    """``_apply`` with constants per value; for float32, ``b`` holds the shifts
+    (``_shift_table``) and ``m`` is not read."""
     if floating is float:
-        fastbn_apply_cols_f32(x, y, n, m, sc, b)
+        fastbn_apply_cols_f32(x, y, n, sc, b)
     else:
         fastbn_apply_cols_f64(x, y, n, m, sc, b)
+
+
+cdef inline void _shift_table(const double* m, const double* sc, double* b,
+                              idx_t n) noexcept nogil:
+    """``b[i] = b[i] - m[i] * sc[i]``: the shifts of the float32 apply tables
+    (``fastbn_shift`` of _elementwise.h, value by value: the same bits)."""
+    cdef idx_t i
+    for i in range(n):
+        b[i] = fastbn_shift(m[i], sc[i], b[i])
 
 
 cdef inline void _dx(const floating* dy, const floating* x, floating* dx, idx_t n,
@@ -966,11 +980,13 @@ cdef void _nchw_forward_group(const floating* x, floating* y, idx_t S, idx_t CS,
     _expand(t + W, t, S, G)
     _expand(t, mean + c0, S, G)
     _expand(t + 2 * W, bias + c0, S, G)
+    if floating is float:
+        _shift_table(t, t + W, t + 2 * W, W)
     for n in range(N):
         o = n * CS + c0 * S
         if stream:
             if floating is float:
-                fastbn_apply_cols_nt_f32(x + o, y + o, W, W, t, t + W, t + 2 * W)
+                fastbn_apply_cols_nt_f32(x + o, y + o, W, W, t + W, t + 2 * W)
             else:
                 fastbn_apply_cols_nt_f64(x + o, y + o, W, W, t, t + W, t + 2 * W)
             continue
@@ -1601,21 +1617,19 @@ cdef void _nhwc_apply(const floating* x, floating* y, idx_t C, idx_t r0, idx_t r
     """Rows ``[r0, r1)``; with ``stream``, one flat run with streaming stores.
 
     ``m``, ``sc`` and ``b`` are wrapped tables (``_wrapped``); their first ``C`` values are
-    the per-channel constants the row loops use.
+    the per-channel constants the row loops use. For float32, ``b`` holds the shifts
+    (``_shift_table``) and ``m`` is not read.
     """
     cdef idx_t r
     if stream:
         if floating is float:
-            fastbn_apply_cols_nt_f32(x + r0 * C, y + r0 * C, (r1 - r0) * C, C, m, sc, b)
+            fastbn_apply_cols_nt_f32(x + r0 * C, y + r0 * C, (r1 - r0) * C, C, sc, b)
         else:
             fastbn_apply_cols_nt_f64(x + r0 * C, y + r0 * C, (r1 - r0) * C, C, m, sc, b)
         fastbn_sfence()
         return
     for r in range(r0, r1):
-        if floating is float:
-            fastbn_apply_cols_f32(x + r * C, y + r * C, C, m, sc, b)
-        else:
-            fastbn_apply_cols_f64(x + r * C, y + r * C, C, m, sc, b)
+        _apply_cols(x + r * C, y + r * C, C, m, sc, b)
 
 
 cdef void _nhwc_bsums(const floating* dy, const floating* x, idx_t C, idx_t r0, idx_t r1,
@@ -1755,6 +1769,8 @@ cdef int _nhwc_apply_into(const floating* xp, floating* yp, idx_t R, idx_t C,
             fastbn_wrap(t, m, C)
             fastbn_wrap(t + W, sc, C)
             fastbn_wrap(t + 2 * W, b, C)
+            if floating is float:
+                _shift_table(t, t + W, t + 2 * W, W)
             for k in prange(ns, schedule="static", num_threads=nt):
                 e = (k + 1) * sr
                 if e > R:

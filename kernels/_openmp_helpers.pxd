@@ -103,8 +103,7 @@ cdef extern from "_stream_stores.h":
     enum: FBN_STREAMS
     void fastbn_wrap(double* t, const double* v, Py_ssize_t C) noexcept nogil
     void fastbn_apply_cols_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C,
-                                  const double* m, const double* sc,
-                                  const double* b) noexcept nogil
+                                  const double* sc, const double* shift) noexcept nogil
     void fastbn_apply_cols_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C,
                                   const double* m, const double* sc,
                                   const double* b) noexcept nogil
@@ -163,12 +162,13 @@ cdef extern from "_lanes.h":
 
 # The elementwise loops, block by block (see _elementwise.h; same bits as plain loops).
 cdef extern from "_elementwise.h":
+    double fastbn_shift(double m, double sc, double b) noexcept nogil
     void fastbn_apply_f32(const float* x, float* y, Py_ssize_t n, double m, double sc,
                           double b) noexcept nogil
     void fastbn_apply_f64(const double* x, double* y, Py_ssize_t n, double m, double sc,
                           double b) noexcept nogil
-    void fastbn_apply_cols_f32(const float* x, float* y, Py_ssize_t n, const double* m,
-                               const double* sc, const double* b) noexcept nogil
+    void fastbn_apply_cols_f32(const float* x, float* y, Py_ssize_t n, const double* sc,
+                               const double* shift) noexcept nogil
     void fastbn_apply_cols_f64(const double* x, double* y, Py_ssize_t n, const double* m,
                                const double* sc, const double* b) noexcept nogil
     void fastbn_dx_f32(const float* g, const float* x, float* d, Py_ssize_t n, double m,

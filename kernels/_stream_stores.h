@@ -9,9 +9,9 @@
  * the body, ordinary stores for the tail.
  *
  * Same bits as the plain loops: every value is computed with the same IEEE operations in the
- * same order (float32 widened exactly to float64, sub/mul/add in float64, one rounding to
- * float32 in the default rounding mode), and the build uses -ffp-contract=off so nothing is
- * fused into FMA. The x86-64-v3 (or AVX) build uses 256-bit vectors, the baseline SSE2 build
+ * same order as in _elementwise.h (float32 widened exactly to float64, mul/add or
+ * sub/mul/add in float64, one rounding to float32 in the default rounding mode), and the
+ * build uses -ffp-contract=off so nothing is fused into FMA. The x86-64-v3 (or AVX) build uses 256-bit vectors, the baseline SSE2 build
  * 128-bit ones; other targets get the plain loops (FASTBN_STREAM_STORES == 0).
  *
  * Streaming stores are weakly ordered: a thread calls fastbn_sfence() after its last one,
@@ -24,6 +24,7 @@
 #include <stdint.h>
 #include <unistd.h>
 
+#include "_elementwise.h"
 #include "_simd.h"
 
 /* Streaming stores exist wherever the SIMD vocabulary does. */
@@ -112,13 +113,15 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
 #define FBN_STREAM_BODY_F64(OUT, EXPR, CC)
 #endif
 
-/* y = (x - m) * sc + b, scalar constants (NCHW rows). */
+/* y = x * sc + shift (float32, see fastbn_apply_f32) or (x - m) * sc + b (float64), scalar
+ * constants (NCHW rows). */
 static void fastbn_apply_nt_f32(const float* x, float* y, ptrdiff_t n, double m, double sc,
                                 double b) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(float));
-    for (; i < h; i++) y[i] = (float)((x[i] - m) * sc + b);
-    FBN_STREAM_BODY_F32(y, ((double)x[j] - m) * sc + b, 1)
-    for (; i < n; i++) y[i] = (float)((x[i] - m) * sc + b);
+    double s = fastbn_shift(m, sc, b);
+    for (; i < h; i++) y[i] = (float)((double)x[i] * sc + s);
+    FBN_STREAM_BODY_F32(y, (double)x[j] * sc + s, 1)
+    for (; i < n; i++) y[i] = (float)((double)x[i] * sc + s);
 }
 static void fastbn_apply_nt_f64(const double* x, double* y, ptrdiff_t n, double m, double sc,
                                 double b) {
@@ -151,10 +154,13 @@ static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdif
  * blocks, an ordinary tail. The values are those of the row-by-row loops. On the project
  * machine, (64, 256, 56, 56) float32 inference: 24-26 -> 17-19 ms. */
 #if FASTBN_STREAM_STORES
-#define FBN_ROW_VALUE(T)                                                                     \
+/* The value at index j of a row of channel c (the expressions of fastbn_apply_nt_*). */
+#define FBN_ROW_EXPR_f32 ((double)x[j] * sc[c] + fastbn_shift(m[c], sc[c], b[c]))
+#define FBN_ROW_EXPR_f64 ((x[j] - m[c]) * sc[c] + b[c])
+#define FBN_ROW_VALUE(T, SUFFIX)                                                             \
     {                                                                                        \
         ptrdiff_t j = o + i;                                                                 \
-        y[j] = (T)(((double)x[j] - m[c]) * sc[c] + b[c]);                                    \
+        y[j] = (T)(FBN_ROW_EXPR_##SUFFIX);                                                   \
     }
 #define FBN_DEFINE_ROWS_NT(SUFFIX, T, STORE_BLOCK)                                           \
     static void fastbn_apply_rows_nt_##SUFFIX(const T* x, T* y, ptrdiff_t nr, ptrdiff_t S,   \
@@ -182,14 +188,14 @@ static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdif
                 live = 1;                                                                    \
                 if (i == 0)                                                                  \
                     for (ptrdiff_t h = FBN_HEAD(y + o, S, sizeof(T)); i < h; i++)            \
-                        FBN_ROW_VALUE(T)                                                     \
+                        FBN_ROW_VALUE(T, SUFFIX)                                             \
                 if (i + FBN_SBLOCK <= S) {                                                   \
                     ptrdiff_t i0 = i;                                                        \
                     i = o + i0;                                                              \
-                    FBN_STREAM_ONE(y, ((double)x[j] - m[c]) * sc[c] + b[c], STORE_BLOCK)     \
+                    FBN_STREAM_ONE(y, FBN_ROW_EXPR_##SUFFIX, STORE_BLOCK)                    \
                     i = i0 + FBN_SBLOCK;                                                     \
                 } else {                                                                     \
-                    for (; i < S; i++) FBN_ROW_VALUE(T)                                      \
+                    for (; i < S; i++) FBN_ROW_VALUE(T, SUFFIX)                              \
                 }                                                                            \
                 if (i == S) {                                                                \
                     r_[s] = r + 1;                                                           \
@@ -219,21 +225,29 @@ FBN_DEFINE_ROWS_NT(f64, double)
  * one flat array so that the body is on whole lines whatever C (row by row, every row of a
  * numpy array would start mid-line). The per-channel constants are wrapped tables of
  * C + FBN_SBLOCK values, t[j] = t[j % C] (fastbn_wrap), so the block that starts at channel
- * c reads its constants at t + c. Same expressions as the _cols loops of _elementwise.h. */
+ * c reads its constants at t + c. Same expressions as the _cols loops of _elementwise.h
+ * (float32 applies take the scales and the shifts, float64 ones the means, scales and biases). */
 static inline void fastbn_wrap(double* t, const double* v, ptrdiff_t C) {
     for (ptrdiff_t j = 0; j < C + FBN_SBLOCK; j++) t[j] = v[j % C];
 }
 #define FBN_NEXT(c, k, C) ((c) = ((c) + (k)) % (C))
+/* y = x * sc[c] + s[c] (float32; s: shifts, see fastbn_apply_f32) */
+static void fastbn_apply_cols_nt_f32(const float* x, float* y, ptrdiff_t n, ptrdiff_t C,
+                                     const double* sc, const double* s) {
+    ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(float));
+    for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (float)((double)x[i] * sc[c] + s[c]);
+    FBN_STREAM_BODY_F32(y, (double)x[j] * sc[c + l] + s[c + l], C)
+    for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (float)((double)x[i] * sc[c] + s[c]);
+}
+/* y = (x - m[c]) * sc[c] + b[c] (float64) */
+static void fastbn_apply_cols_nt_f64(const double* x, double* y, ptrdiff_t n, ptrdiff_t C,
+                                     const double* m, const double* sc, const double* b) {
+    ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(double));
+    for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (x[i] - m[c]) * sc[c] + b[c];
+    FBN_STREAM_BODY_F64(y, (x[j] - m[c + l]) * sc[c + l] + b[c + l], C)
+    for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (x[i] - m[c]) * sc[c] + b[c];
+}
 #define FBN_DEFINE_COLS_NT(SUFFIX, T, BODY)                                                  \
-    /* y = (x - m[c]) * sc[c] + b[c] */                                                      \
-    static void fastbn_apply_cols_nt_##SUFFIX(const T* x, T* y, ptrdiff_t n, ptrdiff_t C,    \
-                                              const double* m, const double* sc,             \
-                                              const double* b) {                             \
-        ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(T));                               \
-        for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (T)(((double)x[i] - m[c]) * sc[c] + b[c]); \
-        BODY(y, ((double)x[j] - m[c + l]) * sc[c + l] + b[c + l], C) \
-        for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (T)(((double)x[i] - m[c]) * sc[c] + b[c]); \
-    }                                                                                        \
     /* dx = k[c] * ((dy - a[c]) - (x - m[c]) * q[c]) */                                      \
     static void fastbn_dx_cols_nt_##SUFFIX(const T* g, const T* x, T* d, ptrdiff_t n,        \
                                            ptrdiff_t C, const double* m, const double* k,    \

@@ -568,6 +568,56 @@ def test_traffic_floor_checks_its_arrays() -> None:
         cython_cpu.traffic_floor(x, None, x[:15].copy(), None, False, 1)
 
 
+@pytest.mark.parametrize(
+    "case",
+    [
+        ("nchw", (3, 5, 4099)),  # rows: scalar constants, streamed in row streams
+        ("nchw", (2, 3, 50001)),  # a fused channel
+        ("nchw", (64, 40, 49)),  # groups of 7x7 channels: per-position tables
+        ("nhwc", (3000, 24)),  # wrapped per-channel tables
+    ],
+)
+def test_float32_apply_is_x_times_scale_plus_shift(case: tuple[str, tuple[int, ...]]) -> None:
+    """Every float32 apply (rows, channels, groups, NHWC; plain and streamed stores; every
+    build) computes ``x * sc + (b - m * sc)`` in float64, rounded once: NumPy's float64
+    arithmetic gives the expected bits. The data (|mean| / std ~ 3e4, scale 0.9) is where
+    that formula and ``(x - m) * sc + b`` round differently, so a site computing the other
+    one fails (checked below)."""
+    layout, shape = case
+    rng = np.random.default_rng(3)
+    x = (1e5 + 3.0 * rng.standard_normal(shape)).astype(np.float32)
+    c = shape[1]
+    mean = 1e5 + rng.standard_normal(c)
+    scale = 0.9 + 0.01 * rng.standard_normal(c)
+    bias = rng.standard_normal(c)
+
+    def expected(m: np.ndarray, sc: np.ndarray) -> np.ndarray:
+        m, sc, b = (_bcast(v, layout) for v in (m, sc, bias))
+        return (x.astype(np.float64) * sc + (b - m * sc)).astype(np.float32)
+
+    want = expected(mean, scale)
+    other = ((x - _bcast(mean, layout)) * _bcast(scale, layout) + _bcast(bias, layout)).astype(
+        np.float32
+    )
+    assert np.count_nonzero(want != other) > 0  # the data tells the two formulas apart
+    for module in _builds():
+        for threshold in (0, None):
+            old = module.stream_min_bytes(threshold)
+            try:
+                for nthreads in (1, 2):
+                    what = _what("normalize", layout, x, f"{module.build_simd()} t={threshold}")
+                    y = np.empty_like(x)
+                    getattr(module, f"{layout}_normalize")(x, mean, scale, bias, y, nthreads)
+                    assert y.tobytes() == want.tobytes(), what
+                    v = [np.empty(c) for _ in range(3)]
+                    w = scale / 100.0
+                    getattr(module, f"{layout}_train_forward")(x, w, bias, EPS, y, *v, nthreads)
+                    what = what.replace("normalize", "train_forward")
+                    assert y.tobytes() == expected(v[0], w * v[2]).tobytes(), what
+            finally:
+                module.stream_min_bytes(old)
+
+
 def test_stream_threshold() -> None:
     """The streaming threshold is positive by default, settable, and rejects negatives."""
     for module in _builds():
