@@ -46,7 +46,7 @@ a value.
 from cython cimport floating
 from cython.parallel cimport parallel, prange, threadid
 from libc.math cimport sqrt
-from libc.stdlib cimport free, malloc
+from libc.stdlib cimport calloc, free, malloc
 
 from _openmp_helpers cimport (
     FASTBN_BUILD_SIMD,
@@ -1987,6 +1987,12 @@ def traffic_floor(const unsigned char[::1] x, const unsigned char[::1] dy,
         Read the inputs in full before writing.
     nthreads : int
         Threads (slices).
+
+    Returns
+    -------
+    int
+        The OR of every byte read first (0 without `read_first`): returned so that the
+        compiler cannot drop the reads.
     """
     cdef idx_t n = x.shape[0], per, k, lo, hi
     cdef int nt = nthreads if nthreads > 0 else 1
@@ -2002,7 +2008,7 @@ def traffic_floor(const unsigned char[::1] x, const unsigned char[::1] dy,
     if dx is not None and dy is None:
         raise ValueError("dx = x | dy needs dy")
     if n == 0:
-        return
+        return 0
     if dy is not None:
         gp = &dy[0]
     if y is not None:
@@ -2013,7 +2019,7 @@ def traffic_floor(const unsigned char[::1] x, const unsigned char[::1] dy,
         sd = _use_stream(dp, xp, gp, n, n)
     # Slices of whole 64-byte lines; one line of sink per thread (no shared line).
     per = _ceil_div(_ceil_div(n, nt), 64) * 64
-    sink = <unsigned long long*>malloc(8 * nt * sizeof(unsigned long long))
+    sink = <unsigned long long*>calloc(8 * nt, sizeof(unsigned long long))
     if sink == NULL:
         raise MemoryError()
     try:
@@ -2035,5 +2041,8 @@ def traffic_floor(const unsigned char[::1] x, const unsigned char[::1] dy,
                         fastbn_traffic_write(dp + lo, xp + lo, gp + lo, hi - lo, sd)
                     if sy or sd:
                         fastbn_sfence()
+        for k in range(1, nt):
+            sink[0] |= sink[8 * k]
+        return sink[0]
     finally:
         free(sink)

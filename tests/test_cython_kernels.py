@@ -555,7 +555,9 @@ def test_traffic_floor_moves_the_bytes(nbytes: int) -> None:
                     what = f"{module.build_simd()} n={nbytes} shift={shift} threads={nthreads}"
                     assert np.array_equal(y, x), f"y {what}"
                     assert np.array_equal(dx, x | dy), f"dx {what}"
-                    module.traffic_floor(x, None, None, None, first, nthreads)  # reads only
+                    bits = module.traffic_floor(x, None, None, None, first, nthreads)
+                    folded = np.bitwise_or.reduce(np.frombuffer(bits.to_bytes(8, "little"), "u1"))
+                    assert folded == (np.bitwise_or.reduce(x) if first and nbytes else 0), what
             finally:
                 module.stream_min_bytes(old)
 

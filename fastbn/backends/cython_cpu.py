@@ -177,7 +177,7 @@ def traffic_floor(
     dx: Any,
     read_first: bool,
     nthreads: int,
-) -> None:
+) -> int:
     """The least memory traffic of an operation, for fastbn-bench's floor.
 
     Parameters
@@ -191,6 +191,11 @@ def traffic_floor(
     nthreads : int
         Threads, one contiguous slice each.
 
+    Returns
+    -------
+    int
+        The OR of the bytes read first (it keeps the reads from being optimized away).
+
     Raises
     ------
     RuntimeError
@@ -199,7 +204,7 @@ def traffic_floor(
     mod = _extension()
     if mod is None:
         raise RuntimeError(f"the cython backend is unavailable: {unavailable_reason()}")
-    mod.traffic_floor(x, dy, y, dx, read_first, nthreads)
+    return int(mod.traffic_floor(x, dy, y, dx, read_first, nthreads))
 
 
 def stream_min_bytes(n: int | None = None) -> int:
