@@ -37,7 +37,7 @@ if TYPE_CHECKING:
 SCHEMA_VERSION = 3
 #: The same-size parallel copy timed with every case (the roofline), never a result row.
 COPY = "copy"
-#: The least-traffic NumPy version of each case's operation, timed per mode with every
+#: The least-traffic C loop of each case's operation (traffic_floor), timed per mode with every
 #: case (``floor_s``, ``floor_vs`` and the report's ``floor`` list), never a result row.
 FLOOR = "floor"
 #: A note of every report: the definition of the floor.
@@ -48,8 +48,9 @@ FLOOR_NOTE = (
     "channels last, where every output waits for statistics over the whole array, "
     "train/backward/fwdbwd first read x (and dy) in full on every thread), per mode "
     "(fresh: np.empty outputs; out: preallocated), timed with the implementations; "
-    "time(peer) / floor is the largest ratio against that peer any implementation could "
-    "reach here"
+    "time(peer) / floor is about the largest ratio against that peer any implementation "
+    "could reach here (fresh: what the first writes into new pages cost depends on their "
+    "order, so an implementation can beat the fresh floor by a little)"
 )
 
 
