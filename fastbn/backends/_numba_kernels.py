@@ -563,10 +563,12 @@ def merge_parts(part, mean, var):
 
 @parallel
 def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stream):
+    """One channel per work unit: its statistics, then its output while it is in cache.
+    Groups of short rows take two passes instead (numba_cpu._nchw_train_forward)."""
     n_rows, n_ch, s = x.shape
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
-    g = nchw_group(n_rows, n_ch, s)
-    for u in prange((n_ch + g - 1) // g):
+    g = 1
+    for u in prange(n_ch):
         c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, g, rows, blocks, piece, pieces)
         c1 = c0 + gl
         for j in range(gl):

@@ -12,7 +12,8 @@ Determinism comes from a chunk grid that depends on the shape only:
   its slice is still in cache (2 passes over memory instead of 3); with short rows a thread
   takes a group of adjacent channels and walks their rows sample by sample (contiguous
   runs), one partial per channel centred on the mean of its first ``GROUP_TILE`` samples
-  (``group_moments``). With fewer channels the
+  (``group_moments``); a training forward on such groups makes a statistics pass, then a
+  normalize pass (``_nchw_train_forward``). With fewer channels the
   chunks of a channel are split into at most ``MAX_STRIPES`` fixed stripes, reduced in
   parallel and merged in stripe order.
 - nhwc: rows are cut into chunks of about ``NHWC_CHUNK`` values (whole rows), the chunks into at
@@ -295,8 +296,19 @@ def _nchw_stats(x, mean, var, nthreads):
 
 
 def _nchw_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
+    """Fused per channel (statistics, then the channel's output while it is in cache),
+    except for groups of short rows and for the stripes of few channels: statistics, then a
+    normalize pass. Same arithmetic, hence the same bits, either way.
+
+    Short rows: the fused group kernel wrote ``y`` group by group, runs of a few KB pages
+    apart, and was slower than the two passes (2 threads, same process: ``(128, 512, 7,
+    7)`` 1.84 against 1.52 ms, ``(64, 128, 14, 14)`` 0.69 against 0.54 ms, ``(32, 512, 7,
+    7)`` 0.41 against 0.34 ms; one core, ``(128, 512, 7, 7)`` 2.34 against 1.61 ms). Flat
+    runs with per-position tables and software prefetch of the output lines did not help.
+    The fused backward has no such loss and stays fused.
+    """
     k = _compiled()
-    if _per_channel_path(x):
+    if _per_channel_path(x) and k["nchw_group"](x.shape[0], x.shape[1], x.shape[2]) == 1:
         _run(
             k["nchw_train_forward_channels"],
             nthreads,
