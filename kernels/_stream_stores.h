@@ -11,8 +11,9 @@
  * Same bits as the plain loops: every value is computed with the same IEEE operations in the
  * same order as in _elementwise.h (float32 widened exactly to float64, mul/add or
  * sub/mul/add in float64, one rounding to float32 in the default rounding mode), and the
- * build uses -ffp-contract=off so nothing is fused into FMA. The x86-64-v3 (or AVX) build uses 256-bit vectors, the baseline SSE2 build
- * 128-bit ones; other targets get the plain loops (FASTBN_STREAM_STORES == 0).
+ * build uses -ffp-contract=off so nothing is fused into FMA. The x86-64-v3 (or AVX) build
+ * uses 256-bit vectors, the baseline SSE2 build 128-bit ones; other targets get the plain
+ * loops (FASTBN_STREAM_STORES == 0).
  *
  * Streaming stores are weakly ordered: a thread calls fastbn_sfence() after its last one,
  * before its part of the parallel region ends.

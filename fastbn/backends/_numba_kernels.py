@@ -567,9 +567,8 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
     Groups of short rows take two passes instead (numba_cpu._nchw_train_forward)."""
     n_rows, n_ch, s = x.shape
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
-    g = 1
     for u in prange(n_ch):
-        c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, g, rows, blocks, piece, pieces)
+        c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, 1, rows, blocks, piece, pieces)
         c1 = c0 + gl
         for j in range(gl):
             c = c0 + j
