@@ -70,10 +70,14 @@ class HostOps:
         return a * b
 
     def invstd(self, var: np.ndarray, eps: float) -> np.ndarray:
-        return 1.0 / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+        return self.div_sqrt(1.0, var, eps)
 
-    def div_sqrt(self, w: np.ndarray, var: np.ndarray, eps: float) -> np.ndarray:
-        return w / np.sqrt(np.asarray(var, dtype=np.float64) + eps)
+    def div_sqrt(self, w: np.ndarray | float, var: np.ndarray, eps: float) -> np.ndarray:
+        # float64 ``w / sqrt(var + eps)`` in one new array (a call per microsecond counts
+        # on small inputs).
+        t = np.add(var, eps, dtype=np.float64)
+        np.sqrt(t, out=t)
+        return np.divide(w, t, out=t)
 
     def update_running(self, running_mean, running_var, mean, var, count, momentum) -> None:
         update_running(running_mean, running_var, mean, var, count, momentum)
@@ -95,7 +99,7 @@ def backend_ops(module: ModuleType) -> Any:
 
 def ops_for(x: Any, backend: str | None) -> Any:
     """The array operations of a call on `x`: the backend's when `x` is its device array."""
-    if backend in BACKENDS and _is_foreign_device_array(x):
+    if type(x) is not np.ndarray and backend in BACKENDS and _is_foreign_device_array(x):
         module = usable_backend(backend)
         if module is not None and hasattr(module, "array_ops") and module.is_device_array(x):
             return module.array_ops()
@@ -236,14 +240,14 @@ def check_out(
 class Plan(NamedTuple):
     """How one call maps user arrays to a canonical view and back.
 
-    `perm` is the transpose that makes the data C-contiguous in memory (identity, or
+    `perm` is the transpose that makes the data C-contiguous in memory (None: none, or
     the channel axis moved to the other end when the input is stored in the other
     layout); `kind` is "nchw" or "nhwc"; `shape` the canonical shape. (A named tuple: it is
     built on every call, and a frozen dataclass costs microseconds to construct.)
     """
 
     user_shape: tuple[int, ...]
-    perm: tuple[int, ...]
+    perm: tuple[int, ...] | None
     kind: str
     shape: tuple[int, ...]
     channels: int
@@ -255,10 +259,7 @@ class Plan(NamedTuple):
 
     def view(self, a: np.ndarray) -> np.ndarray:
         """`a` (user shape) as the canonical view, copying once if its memory needs it."""
-        if self.perm == tuple(range(len(self.perm))):
-            t = a  # also the only case for device arrays (checked C-contiguous)
-        else:
-            t = a.transpose(self.perm)
+        t = a if self.perm is None else a.transpose(self.perm)  # always None on a device
         if isinstance(t, np.ndarray) and not t.flags.c_contiguous:
             t = np.ascontiguousarray(t)
         return t.reshape(self.shape)
@@ -269,7 +270,7 @@ class Plan(NamedTuple):
 
     def restore(self, a: np.ndarray) -> np.ndarray:
         """Map a canonical array back to the user's shape (and memory order)."""
-        if self.perm == tuple(range(len(self.perm))):
+        if self.perm is None:
             return a.reshape(self.user_shape)
         transposed = tuple(self.user_shape[p] for p in self.perm)
         return a.reshape(transposed).transpose(np.argsort(self.perm))
@@ -284,10 +285,9 @@ def plan(x: np.ndarray, layout: str, *, keep_strides: bool) -> Plan:
     """
     axis = channel_axis(x.ndim, layout)
     channels = x.shape[axis]
-    identity = tuple(range(x.ndim))
-    perm, memory_layout = identity, layout
+    perm, memory_layout = None, layout
     if keep_strides and isinstance(x, np.ndarray) and not x.flags.c_contiguous and x.ndim > 2:
-        moved = [i for i in identity if i != axis]
+        moved = [i for i in range(x.ndim) if i != axis]
         swapped = (moved[0], axis, *moved[1:]) if layout == "NHWC" else (*moved, axis)
         if x.transpose(swapped).flags.c_contiguous:
             perm, memory_layout = swapped, ("NCHW" if layout == "NHWC" else "NHWC")

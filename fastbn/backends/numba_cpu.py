@@ -224,6 +224,9 @@ def _run(fn: Callable, nthreads: int, *args) -> None:
 
 def _call_with_threads(numba, fn: Callable, n: int, args: tuple) -> None:
     previous = numba.get_num_threads()
+    if previous == n:  # numba.set_num_threads costs a microsecond per call
+        fn(*args)
+        return
     numba.set_num_threads(n)
     try:
         fn(*args)
