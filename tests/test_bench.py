@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
 import sys
+import time
 import types
 from pathlib import Path
 from typing import Any
@@ -332,6 +334,30 @@ def test_warm_calls_each_entry_again_right_before_its_timed_call() -> None:
     bench.time_entries(entries, repeat=2, warmup=1, pause=0.0, warm=True)
     assert calls == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]
     assert all(len(e.times) == 2 for e in entries)
+
+
+def test_scope_is_entered_around_every_call_but_not_timed() -> None:
+    """The run sets each entry's thread count around its calls (microseconds that would
+    weigh on small cases); the calls run inside the scope, the timing excludes it."""
+    active: list[str] = []
+    inside: list[bool] = []
+
+    @contextlib.contextmanager
+    def slow_scope(entry: Any) -> Any:
+        time.sleep(0.02)
+        active.append(entry.impl)
+        try:
+            yield
+        finally:
+            active.pop()
+
+    entries = [
+        bench.Entry(name, "out", lambda name=name: inside.append(active == [name]))
+        for name in "ab"
+    ]
+    bench.time_entries(entries, repeat=2, warmup=1, pause=0.0, warm=True, scope=slow_scope)
+    assert len(inside) == 2 * (1 + 2 * 2) and all(inside)
+    assert all(t < 0.01 for e in entries for t in e.times)
 
 
 def test_ratios_and_thread_scaling() -> None:

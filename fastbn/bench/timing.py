@@ -111,6 +111,7 @@ def time_entries(
     pause: float,
     advance: Callable[[int], None] = lambda n: None,
     warm: bool = False,
+    scope: Callable[[Entry], contextlib.AbstractContextManager[object]] | None = None,
 ) -> None:
     """Warm every entry up, then time `repeat` interleaved rounds (rotated order).
 
@@ -128,14 +129,19 @@ def time_entries(
     warm : bool
         Call the entry once, untimed, right before each timed call (after the pause), so
         that its data is in cache when it fits.
+    scope : callable, optional
+        ``scope(entry)`` is a context entered around each call of the entry, outside its
+        timing (the run sets the entry's thread count with it: that takes microseconds).
     """
+    scope = scope or (lambda entry: contextlib.nullcontext())
     last = {}
     for entry in entries:
         last[id(entry)] = 0.0
         for _ in range(warmup):
-            t0 = time.perf_counter()
-            result = entry.func()
-            last[id(entry)] = time.perf_counter() - t0
+            with scope(entry):
+                t0 = time.perf_counter()
+                result = entry.func()
+                last[id(entry)] = time.perf_counter() - t0
             del result
         advance(warmup)
     k = len(entries)
@@ -145,11 +151,12 @@ def time_entries(
             nap = min(pause, last[id(entry)])
             if nap > 0:
                 time.sleep(nap)
-            if warm:
-                entry.func()  # its result is freed before the timed call
-            t0 = time.perf_counter()
-            result = entry.func()
-            t1 = time.perf_counter()
+            with scope(entry):
+                if warm:
+                    entry.func()  # its result is freed before the timed call
+                t0 = time.perf_counter()
+                result = entry.func()
+                t1 = time.perf_counter()
             del result
             entry.times.append(t1 - t0)
             last[id(entry)] = t1 - t0
@@ -177,16 +184,6 @@ def _plan(config: Config) -> list[tuple[Case, list[tuple[str, str]], list[str]]]
         floor_modes = [mode for mode in MODES if mode in used and with_floor]
         plan.append((case, pairs, floor_modes))
     return plan
-
-
-def _at_threads(func: Callable[[], object], impls: list[str], n: int) -> Callable[[], object]:
-    """`func` called with fastbn's (and PyTorch's) thread count set to `n`."""
-
-    def call() -> object:
-        with thread_scope(impls, n):
-            return func()
-
-    return call
 
 
 def run(config: Config, console: Any = None) -> dict[str, Any]:
@@ -302,11 +299,6 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                         Entry(FLOOR, mode, floor_callable(case, data, mode, n), n)
                         for mode in floor_modes
                     ]
-                if len(config.threads) == 1:
-                    stack.enter_context(thread_scope(config.impls, config.threads[0]))
-                else:
-                    for entry in entries:
-                        entry.func = _at_threads(entry.func, config.impls, entry.threads)
                 time_entries(
                     entries,
                     config.repeat,
@@ -314,13 +306,15 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                     config.pause,
                     lambda k: progress.advance(task, k),
                     config.warm,
+                    scope=lambda entry: thread_scope(config.impls, entry.threads),
                 )
                 if config.memory:
                     for entry in entries:
                         if entry.impl in (COPY, FLOOR):
                             continue
                         if impl_kind(entry.impl) in ("fastbn", "baseline"):
-                            entry.peak_extra = peak_extra_bytes(entry.func, case, entry.mode)
+                            with thread_scope(config.impls, entry.threads):
+                                entry.peak_extra = peak_extra_bytes(entry.func, case, entry.mode)
             for n in config.threads:
                 at_n = [entry for entry in entries if entry.threads == n]
                 results.extend(_rows(case, n, at_n, copy[n], l2))
