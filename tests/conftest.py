@@ -64,7 +64,8 @@ def dtype(request) -> np.dtype:
 #: NHWC_CHUNK = 32768 values, and split the chunks into at most MAX_STRIPES = 16 stripes; NCHW
 #: with C >= 16 (or M <= CHUNK) runs one channel per thread (short rows: a group of
 #: adjacent channels per thread), C < 16 with M > CHUNK runs the stripe path; S >= CHUNK
-#: cuts rows into pieces; S == 1 and (N, C) run as (R, C).
+#: cuts rows into pieces, CHUNK / 2 < S <= CHUNK makes one row per chunk; S == 1 and (N, C)
+#: run as (R, C).
 SHAPES = [
     # (N, C)
     (2, 1),  # C=1, M=2: the smallest training input
@@ -84,7 +85,9 @@ SHAPES = [
     (1, 1, 1, 2),  # C=1, N=1, M=2
     (2, 3, 5, 7),
     (9, 20, 5, 3),  # C >= 16, whole rows per chunk
+    (6, 16, 48, 48),  # C >= 16, one row per chunk: numba reads four rows in lockstep, then 2
     (70, 2, 31, 31),  # stripe path with 18 row blocks > MAX_STRIPES
+    (70, 2, 50, 50),  # stripe path, one row per chunk: stripes of 4-5 rows read in lockstep
     (5, 4, 33, 31),  # stripe path, rows do not divide CHUNK
     (200, 37, 7, 7),  # short rows: groups of 13 channels, the last one short; 3 row blocks
     (21, 100, 3, 3),  # short rows: groups of 64 + 36 channels, 21 samples = 8 + 8 + 5

@@ -56,11 +56,14 @@ def check(mean, var, exact, case) -> None:
     assert np.all(ev <= RTOL), f"var relative error {ev} > {RTOL} [{case}]"
 
 
-@pytest.mark.parametrize("layout", ["NHWC", "NCHW"])
+@pytest.mark.parametrize("layout", ["NHWC", "NCHW", "NCHW rows"])
 def test_large_mean_over_std(backend, layout, big):
     x, exact = big
     if layout == "NCHW":
         x = np.ascontiguousarray(x.T)[None]  # (1, 2, 2**25): the stripe path, row pieces
+    elif layout == "NCHW rows":  # (8192, 2, 4096): one whole row per chunk
+        x = np.ascontiguousarray(x.T.reshape(2, 8192, 4096).transpose(1, 0, 2))
+        layout = "NCHW"
     case = Case(backend, np.float32, x.shape, layout, "|mean|/std = 1e5")
     mean, var = fastbn.moments(x, layout=layout, backend=backend)
     check(mean, var, exact, case)
