@@ -83,3 +83,49 @@ def test_naive_formula_fails_the_same_check(big):
         check(mean, var, exact, "naive E[x^2]-E[x]^2")
     _, ev = relative_errors(mean, var, exact)
     assert np.all(ev > 1e3 * RTOL), ev  # it is not even close
+
+
+#: (layout, shape): every kind of float32 output site of the CPU backends.
+FLOAT32_SITES = [
+    ("NCHW", (4, 16, 3136)),  # rows; numba: the fused per-channel training forward
+    ("NCHW", (2, 3, 50001)),  # Cython: fused channels; numba: stripes
+    ("NCHW", (64, 40, 7, 7)),  # groups of short rows (position tables, two passes)
+    ("NHWC", (3000, 24)),  # per-channel tables, wrapped when streamed
+    ("NHWC", (8, 28, 28, 64)),
+]
+
+
+@pytest.mark.parametrize("streamed", [False, True], ids=["stores", "streamed"])
+@pytest.mark.parametrize(("layout", "shape"), FLOAT32_SITES, ids=lambda v: str(v))
+def test_float32_outputs_are_x_times_scale_plus_shift(backend, layout, shape, streamed):
+    """float32 outputs, inference and training, on every CPU backend: ``x * sc + (b - m *
+    sc)`` in float64, rounded once (NumPy's float64 arithmetic gives the bits), with
+    ``sc = w / sqrt(var + eps)`` (inference) or ``w * invstd`` (training). The data
+    (|mean| / std ~ 3e4) is where that formula and ``(x - m) * sc + b`` round differently,
+    so a site computing the other one fails (checked below)."""
+    rng = np.random.default_rng(3)
+    x = (1e5 + 3.0 * rng.standard_normal(shape)).astype(np.float32)
+    axis = 1 if layout == "NCHW" else x.ndim - 1
+    c = shape[axis]
+    rm = 1e5 + rng.standard_normal(c)
+    rv = 9.0 + rng.standard_normal(c) ** 2
+    w = 0.9 + 0.01 * rng.standard_normal(c)
+    b = rng.standard_normal(c)
+    bshape = [1] * x.ndim
+    bshape[axis] = c
+
+    def expected(m: np.ndarray, sc: np.ndarray) -> np.ndarray:
+        m, sc, shift = (v.reshape(bshape) for v in (m, sc, b - m * sc))
+        return (x.astype(np.float64) * sc + shift).astype(np.float32)
+
+    scale = w / np.sqrt(rv + 1e-5)
+    other = ((x - rm.reshape(bshape)) * scale.reshape(bshape) + b.reshape(bshape)).astype(
+        np.float32
+    )
+    assert np.count_nonzero(expected(rm, scale) != other) > 0  # the data tells them apart
+    case = Case(backend, np.float32, shape, layout, "streamed" if streamed else "stores")
+    with fastbn.stream_threshold(0 if streamed else 2**62):
+        y = fastbn.batch_norm(x, rm, rv, w, b, layout=layout, backend=backend)
+        assert y.tobytes() == expected(rm, scale).tobytes(), f"inference [{case}]"
+        y, mean, invstd = fastbn.batch_norm_train(x, w, b, layout=layout, backend=backend)
+        assert y.tobytes() == expected(mean, w * invstd).tobytes(), f"training [{case}]"

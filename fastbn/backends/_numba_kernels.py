@@ -11,7 +11,17 @@ import math
 import numpy as np
 from numba import njit, prange
 
-from ._numba_stream import BLOCK, LINE, at, fence, stream_apply, stream_dx
+from ._numba_stream import (
+    BLOCK,
+    LINE,
+    apply,
+    at,
+    fence,
+    output_tables,
+    span,
+    stream_apply,
+    stream_dx,
+)
 from .numba_cpu import (
     _FASTMATH,
     CHUNK,
@@ -84,18 +94,19 @@ def rows4_deviations(x0, x1, x2, x3, m):
 
 @serial
 def block_normalize(xb, mean, scale, bias, yb, stream):
-    """Rows of a (channels, S) block: yb[j] = (xb[j] - mean[j]) * scale[j] + bias[j]."""
+    """Rows of a (channels, S) block: yb[j] = (xb[j] - mean[j]) * scale[j] + bias[j] (mean
+    None: xb[j] * scale[j] + bias[j], see ``apply``)."""
     if stream:
         for j in range(xb.shape[0]):
-            stream_normalize(xb[j], yb[j], mean[j], scale[j], bias[j], 1)
+            stream_normalize(xb[j], yb[j], at(mean, j), scale[j], bias[j], 1)
         fence()
         return
     for j in range(xb.shape[0]):
-        m = mean[j]
+        m = at(mean, j)
         sc = scale[j]
         b = bias[j]
         for i in range(xb.shape[1]):
-            yb[j, i] = (xb[j, i] - m) * sc + b
+            yb[j, i] = apply(xb[j, i], m, sc, b)
 
 
 @reduction
@@ -170,7 +181,7 @@ def cols_deviations(xb, m, sd, sq):
 def cols_normalize(xb, mean, scale, bias, yb):
     for r in range(xb.shape[0]):
         for j in range(xb.shape[1]):
-            yb[r, j] = (xb[r, j] - mean[j]) * scale[j] + bias[j]
+            yb[r, j] = apply(xb[r, j], at(mean, j), scale[j], bias[j])
 
 
 @reduction
@@ -304,12 +315,12 @@ def stream_part(n):
 
 @serial
 def stream_normalize(xf, yf, m, sc, b, n_ch):
-    """yf = (xf - m) * sc + b over one run, streamed."""
+    """yf = (xf - m) * sc + b (``apply``) over one run, streamed."""
     n = xf.shape[0]
     h = line_head(yf, n)
     c = 0
     for i in range(h):
-        yf[i] = (xf[i] - at(m, c)) * at(sc, c) + at(b, c)
+        yf[i] = apply(xf[i], at(m, c), at(sc, c), at(b, c))
         c = c + 1 if c + 1 < n_ch else 0
     i = h
     q = stream_part(n - i)
@@ -323,7 +334,7 @@ def stream_normalize(xf, yf, m, sc, b, n_ch):
         i += BLOCK
         c = (c + BLOCK) % n_ch
     for j in range(i, n):
-        yf[j] = (xf[j] - at(m, c)) * at(sc, c) + at(b, c)
+        yf[j] = apply(xf[j], at(m, c), at(sc, c), at(b, c))
         c = c + 1 if c + 1 < n_ch else 0
 
 
@@ -647,8 +658,9 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
             var[c] = v
             invstd[c] = inv
             t[j] = weight[c] * inv
+        mt, _, bt = output_tables(x, m[:gl], t[:gl], bias[c0:c1])
         for n in range(n_rows):
-            block_normalize(x[n, c0:c1], m[:gl], t[:gl], bias[c0:c1], y[n, c0:c1], stream)
+            block_normalize(x[n, c0:c1], mt, t[:gl], bt, y[n, c0:c1], stream)
 
 
 @serial
@@ -660,12 +672,12 @@ def rows_stream_normalize(xr, yr, c0, mean, scale, bias):
     first cache line, streamed blocks, an ordinary tail), as the Cython kernels do.
     """
     nr, s = xr.shape
-    n_ch = mean.shape[0]
+    n_ch = scale.shape[0]
     q = nr // STREAM_PARTS
     if q == 0 or q * s < STREAM_PART_MIN:
         for r in range(nr):
             c = (c0 + r) % n_ch
-            stream_normalize(xr[r], yr[r], mean[c], scale[c], bias[c], 1)
+            stream_normalize(xr[r], yr[r], at(mean, c), scale[c], bias[c], 1)
         return
     row = np.empty(STREAM_PARTS, np.int64)
     pos = np.zeros(STREAM_PARTS, np.int64)
@@ -682,7 +694,7 @@ def rows_stream_normalize(xr, yr, c0, mean, scale, bias):
                 continue
             live = True
             c = (c0 + r) % n_ch
-            m = mean[c]
+            m = at(mean, c)
             sc = scale[c]
             b = bias[c]
             x1 = xr[r]
@@ -691,13 +703,13 @@ def rows_stream_normalize(xr, yr, c0, mean, scale, bias):
             if i == 0:
                 i = line_head(y1, s)
                 for j in range(i):
-                    y1[j] = (x1[j] - m) * sc + b
+                    y1[j] = apply(x1[j], m, sc, b)
             if i + BLOCK <= s:
                 stream_apply(x1, y1, i, m, sc, b, 0)
                 i += BLOCK
             else:
                 for j in range(i, s):
-                    y1[j] = (x1[j] - m) * sc + b
+                    y1[j] = apply(x1[j], m, sc, b)
                 i = s
             if i == s:
                 row[p] = r + 1
@@ -725,7 +737,9 @@ def nchw_normalize(x, mean, scale, bias, y, stream):
     ng = (n_ch + g - 1) // g
     for u in prange(n_rows * ng):
         n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
-        block_normalize(x[n, c0:c1], mean[c0:c1], scale[c0:c1], bias[c0:c1], y[n, c0:c1], stream)
+        block_normalize(
+            x[n, c0:c1], span(mean, c0, c1), scale[c0:c1], bias[c0:c1], y[n, c0:c1], stream
+        )
 
 
 @parallel

@@ -80,6 +80,8 @@ def _store_nt(context, builder, arrty, arr, index, value: ir.Value) -> None:
 
 def _check_constants(*constants) -> None:
     for c in constants:
+        if isinstance(c, types.NoneType):
+            continue
         if isinstance(c, types.Array):
             if c.dtype != types.float64:
                 raise TypeError(f"a table of constants must be float64, got {c}")
@@ -89,7 +91,8 @@ def _check_constants(*constants) -> None:
 
 @intrinsic
 def stream_apply(typingctx, x, y, i, m, sc, b, c):
-    """``y[i:i+BLOCK] = (x[i:i+BLOCK] - m) * sc + b`` (constants from ``c`` if tables)."""
+    """``y[i:i+BLOCK] = (x[i:i+BLOCK] - m) * sc + b`` (constants from ``c`` if tables);
+    ``x * sc + b`` when ``m`` is None (float32: ``b`` holds the shifts, see ``apply``)."""
     _check_arrays(x, y)
     _check_constants(m, sc, b)
     sig = types.void(x, y, i, m, sc, b, c)
@@ -98,7 +101,8 @@ def stream_apply(typingctx, x, y, i, m, sc, b, c):
         tx, ty, _, tm, ts, tb, _ = signature.args
         ax, ay, idx, vm, vs, vb, off = args
         v = _load_f64(context, builder, tx, ax, idx)
-        v = builder.fsub(v, _constant(context, builder, tm, vm, off))
+        if not isinstance(tm, types.NoneType):
+            v = builder.fsub(v, _constant(context, builder, tm, vm, off))
         v = builder.fmul(v, _constant(context, builder, ts, vs, off))
         v = builder.fadd(v, _constant(context, builder, tb, vb, off))
         _store_nt(context, builder, ty, ay, idx, v)
@@ -150,7 +154,8 @@ def fence(typingctx):
 
 
 def at(t, c):
-    """``t[c]`` for a table of constants, ``t`` itself for a scalar (jitted code only)."""
+    """``t[c]`` for a table of constants, ``t`` itself for a scalar or None (jitted code
+    only)."""
     raise NotImplementedError("at() is only for jitted code")
 
 
@@ -159,3 +164,43 @@ def _at(t, c):
     if isinstance(t, types.Array):
         return lambda t, c: t[c]
     return lambda t, c: t
+
+
+def apply(v, m, sc, b):
+    """One output value: ``(v - m) * sc + b``, or ``v * sc + b`` when ``m`` is None (the
+    float32 outputs, whose ``b`` is then the shift ``bias - mean * scale``, as the Cython
+    kernels compute them: kernels/_elementwise.h). Jitted code only."""
+    raise NotImplementedError("apply() is only for jitted code")
+
+
+@overload(apply, inline="always")
+def _apply(v, m, sc, b):
+    if isinstance(m, types.NoneType):
+        return lambda v, m, sc, b: v * sc + b
+    return lambda v, m, sc, b: (v - m) * sc + b
+
+
+def output_tables(x, m, sc, b):
+    """The (mean, scale, bias) that ``apply`` takes for the outputs of ``x``: for float32
+    ``(None, sc, b - m * sc)`` (the shifts, float64), else unchanged (jitted code only;
+    ``numba_cpu._output_tables`` is the same rule outside)."""
+    raise NotImplementedError("output_tables() is only for jitted code")
+
+
+@overload(output_tables, inline="always")
+def _output_tables(x, m, sc, b):
+    if x.dtype == types.float32:
+        return lambda x, m, sc, b: (None, sc, b - m * sc)
+    return lambda x, m, sc, b: (m, sc, b)
+
+
+def span(t, a, b):
+    """``t[a:b]``, None for None (jitted code only)."""
+    raise NotImplementedError("span() is only for jitted code")
+
+
+@overload(span, inline="always")
+def _span(t, a, b):
+    if isinstance(t, types.NoneType):
+        return lambda t, a, b: None
+    return lambda t, a, b: t[a:b]

@@ -252,13 +252,24 @@ def _streamed(out, inputs, x, tables):
     if x.ndim == 3:
         return _stream(out, inputs, x.shape[2]), tables
     stream = _stream(out, inputs, _nhwc_rows(x.shape[1]) * x.shape[1])
-    return stream, tuple(_wrapped(t) for t in tables) if stream else tables
+    if not stream:
+        return stream, tables
+    return stream, tuple(None if t is None else _wrapped(t) for t in tables)
+
+
+def _output_tables(x, mean, scale, bias):
+    """The kernels' (mean, scale, bias) for the outputs of `x`: float32 outputs are
+    ``x * scale + shift`` with ``shift = bias - mean * scale`` in float64 (mean None), as
+    the Cython kernels compute them; float64 ones ``(x - mean) * scale + bias``."""
+    if x.dtype == np.float32:
+        return None, scale, bias - mean * scale
+    return mean, scale, bias
 
 
 def _run_normalize(x, mean, scale, bias, y, nthreads):
-    """y = (x - mean) * scale + bias, streamed when the store rule says so."""
+    """y = (x - mean) * scale + bias (`_output_tables`), streamed by the store rule."""
     kernel = _compiled()["nchw_normalize" if x.ndim == 3 else "nhwc_normalize"]
-    stream, tables = _streamed(y, (x,), x, (mean, scale, bias))
+    stream, tables = _streamed(y, (x,), x, _output_tables(x, mean, scale, bias))
     _run(kernel, nthreads, x, *tables, y, stream)
 
 
