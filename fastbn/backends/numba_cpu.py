@@ -21,7 +21,11 @@ Determinism comes from a chunk grid that depends on the shape only:
 
 A chunk's ``(count, mean, M2)`` comes from the deviations from a shift, in float64: the
 chunk's own mean for a stripe's first chunk (one more pass over the cached chunk), then the
-running mean of the chunks before it; partials are merged with Chan's formula. The number
+running mean of the chunks before it; partials are merged with Chan's formula. Chunks of
+one whole row (``CHUNK / 2 < S <= CHUNK``) are read four at a time in lockstep (four rows of
+the channel, far apart in memory: one core reads faster from four places at once), all four
+centred on the running mean before them; the backward sums read four rows at a time too.
+Float32 outputs are ``x * scale + shift`` (``_output_tables``), as the Cython kernels'. The number
 of threads only changes who computes which stripe, never what is computed, so results are
 bitwise identical for every thread count.
 """
