@@ -650,6 +650,7 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
     for u in prange(n_ch):
         c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, 1, rows, blocks, piece, pieces)
         c1 = c0 + gl
+        shift = np.empty(gl)
         for j in range(gl):
             c = c0 + j
             v = m2[j] / cnt[j]
@@ -658,7 +659,8 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
             var[c] = v
             invstd[c] = inv
             t[j] = weight[c] * inv
-        mt, _, bt = output_tables(x, m[:gl], t[:gl], bias[c0:c1])
+            shift[j] = bias[c] - m[j] * t[j]
+        mt, bt = output_tables(x, m[:gl], bias[c0:c1], shift[:gl])
         for n in range(n_rows):
             block_normalize(x[n, c0:c1], mt, t[:gl], bt, y[n, c0:c1], stream)
 

@@ -180,18 +180,18 @@ def _apply(v, m, sc, b):
     return lambda v, m, sc, b: (v - m) * sc + b
 
 
-def output_tables(x, m, sc, b):
-    """The (mean, scale, bias) that ``apply`` takes for the outputs of ``x``: for float32
-    ``(None, sc, b - m * sc)`` (the shifts, float64), else unchanged (jitted code only;
+def output_tables(x, m, b, shift):
+    """The mean and bias that ``apply`` takes for the outputs of ``x``: ``(None, shift)`` for
+    float32 (``shift = b - m * scale``, float64), else ``(m, b)`` (jitted code only;
     ``numba_cpu._output_tables`` is the same rule outside)."""
     raise NotImplementedError("output_tables() is only for jitted code")
 
 
 @overload(output_tables, inline="always")
-def _output_tables(x, m, sc, b):
+def _output_tables(x, m, b, shift):
     if x.dtype == types.float32:
-        return lambda x, m, sc, b: (None, sc, b - m * sc)
-    return lambda x, m, sc, b: (m, sc, b)
+        return lambda x, m, b, shift: (None, shift)
+    return lambda x, m, b, shift: (m, b)
 
 
 def span(t, a, b):
