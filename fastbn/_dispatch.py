@@ -240,9 +240,9 @@ def check_out(
 class Plan(NamedTuple):
     """How one call maps user arrays to a canonical view and back.
 
-    `perm` is the transpose that makes the data C-contiguous in memory (None: none, or
-    the channel axis moved to the other end when the input is stored in the other
-    layout); `kind` is "nchw" or "nhwc"; `shape` the canonical shape. (A named tuple: it is
+    `perm` is the transpose that makes the data C-contiguous in memory: None when it already
+    is, or the channel axis moved to the other end when the input is stored in the other
+    layout; `kind` is "nchw" or "nhwc"; `shape` the canonical shape. (A named tuple: it is
     built on every call, and a frozen dataclass costs microseconds to construct.)
     """
 

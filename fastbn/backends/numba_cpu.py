@@ -25,9 +25,9 @@ running mean of the chunks before it; partials are merged with Chan's formula. C
 one whole row (``CHUNK / 2 < S <= CHUNK``) are read four at a time in lockstep (four rows of
 the channel, far apart in memory: one core reads faster from four places at once), all four
 centred on the running mean before them; the backward sums read four rows at a time too.
-Float32 outputs are ``x * scale + shift`` (``_output_tables``), as the Cython kernels'. The number
-of threads only changes who computes which stripe, never what is computed, so results are
-bitwise identical for every thread count.
+Float32 outputs are ``x * scale + shift`` (``_output_tables``), as the Cython kernels'.
+The number of threads only changes who computes which stripe, never what is computed, so
+results are bitwise identical for every thread count.
 """
 
 from __future__ import annotations
