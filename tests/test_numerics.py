@@ -1,4 +1,5 @@
-"""Numerics: |mean|/std = 1e5 over channels of 2**25 float32 values.
+"""Numerics: |mean|/std = 1e5 over channels of 2**25 float32 values, and the float32
+output formula of the CPU backends where |mean|/std is large (at the end).
 
 The statistics must be within 1e-6 relative of an exact float64 computation. A test-local
 ``E[x^2] - E[x]^2`` implementation (float64 accumulators, as a plain loop kernel has them)

@@ -11,7 +11,10 @@ of a block come before its stores, so the output's stores never stall the next l
 The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`` on, and
 ``&y[i]`` on a cache line (the rows start with a head of ordinary stores), and it calls
 ``fence`` after its last block. Per-channel constants are either scalars (broadcast) or
-float64 arrays read from ``c`` on (NHWC: wrapped tables, ``t[j] = t[j % C]``).
+float64 arrays read from ``c`` on (NHWC: wrapped tables, ``t[j] = t[j % C]``); the mean is
+None for float32 outputs, which are ``x * scale + shift``. The jitted helpers that pick that
+formula for the plain loops too (``apply``, ``at``, ``span``, ``output_tables``) live here
+beside ``stream_apply`` so that the two cannot drift apart.
 
 numba's disk cache is keyed on ``_numba_kernels.py`` alone: after editing this module, touch
 that file (or set ``FASTBN_NUMBA_CACHE=0``) or the cached kernels keep the old code.
