@@ -141,3 +141,41 @@ def test_bad_thread_counts_raise(restore_threads, value, exc):
     with pytest.raises(exc, match="threads"), fastbn.num_threads(value):
         pass
     assert fastbn.get_num_threads() == 2
+
+
+@pytest.mark.parametrize("calls", ["fast", "public"])
+def test_numba_kernels_run_on_the_asked_threads_and_leave_numbas_count(calls, monkeypatch):
+    """numba_cpu._run sets numba's thread count for the kernel only, through the ctypes
+    functions behind numba's API or, when a numba release moves them, the API itself."""
+    if "numba" not in fastbn.available_backends():
+        pytest.skip("numba is not available")
+    import numba
+
+    from fastbn.backends import numba_cpu
+
+    if numba_cpu.max_threads() < 2:
+        pytest.skip("numba runs one thread here (NUMBA_NUM_THREADS=1)")
+    if calls == "public":
+        monkeypatch.setattr(
+            numba_cpu,
+            "_thread_count",
+            lambda: (numba.get_num_threads, numba.set_num_threads, numba_cpu.max_threads()),
+        )
+
+    @numba.njit
+    def seen(x, out):
+        out[0] = numba.get_num_threads()
+
+    big, small = np.zeros(numba_cpu.SERIAL_BELOW), np.zeros(numba_cpu.SERIAL_BELOW - 1)
+    out = np.zeros(1, dtype=np.int64)
+    numba.set_num_threads(2)
+    try:
+        for x, asked, expected in [(big, 1, 1), (big, 2, 2), (big, 99, 2), (small, 2, 1)]:
+            numba_cpu._run(seen, asked, x, out)
+            assert out[0] == expected, f"{calls}: {asked} threads asked, size {x.size}"
+            assert numba.get_num_threads() == 2, f"{calls}: numba's count not restored"
+        numba.set_num_threads(1)
+        numba_cpu._run(seen, 2, big, out)
+        assert out[0] == 2 and numba.get_num_threads() == 1, calls
+    finally:
+        numba.set_num_threads(numba_cpu.max_threads())

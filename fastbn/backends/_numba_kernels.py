@@ -17,7 +17,7 @@ from ._numba_stream import (
     apply,
     at,
     fence,
-    output_tables,
+    output_constants,
     span,
     stream_apply,
     stream_dx,
@@ -649,7 +649,6 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
     for u in prange(n_ch):
         c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, 1, rows, blocks, piece, pieces)
         c1 = c0 + gl
-        shift = np.empty(gl)
         for j in range(gl):
             c = c0 + j
             v = m2[j] / cnt[j]
@@ -658,24 +657,24 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
             var[c] = v
             invstd[c] = inv
             t[j] = weight[c] * inv
-            shift[j] = bias[c] - m[j] * t[j]
-        mt, bt = output_tables(x, m[:gl], bias[c0:c1], shift[:gl])
+        mt, bt = output_constants(x, m[:gl], t[:gl], bias[c0:c1])
         for n in range(n_rows):
             block_normalize(x[n, c0:c1], mt, t[:gl], bt, y[n, c0:c1], stream)
 
 
 @parallel
 def nchw_normalize(x, mean, scale, bias, y, stream):
-    """y = (x - mean) * scale + bias, one (sample, channel group) block per work unit;
-    streamed row by row (a walk of four rows at a time, as the Cython kernels write, was
-    1.3-1.5x slower here)."""
+    """y = (x - mean) * scale + bias (float32: ``output_constants``), one (sample, channel
+    group) block per work unit; streamed row by row (a walk of four rows at a time, as the
+    Cython kernels write, was 1.3-1.5x slower here)."""
     n_rows, n_ch, s = x.shape
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
+    mt, bt = output_constants(x, mean, scale, bias)
     for u in prange(n_rows * ng):
         n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
         block_normalize(
-            x[n, c0:c1], span(mean, c0, c1), scale[c0:c1], bias[c0:c1], y[n, c0:c1], stream
+            x[n, c0:c1], span(mt, c0, c1), scale[c0:c1], bt[c0:c1], y[n, c0:c1], stream
         )
 
 
@@ -901,21 +900,23 @@ def nhwc_merge(counts, means, m2s, mean, var):
 
 @parallel
 def nhwc_normalize(x, mean, scale, bias, y, stream):
-    """y = (x - mean) * scale + bias; with stream, wrapped tables (see stream_normalize)."""
+    """y = (x - mean) * scale + bias (float32: ``output_constants``); with stream, wrapped
+    tables (see stream_normalize)."""
     n_rows, n_ch = x.shape
     rows = max(1, NHWC_CHUNK // n_ch)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
+    mt, bt = output_constants(x, mean, scale, bias)
     for k in prange((n_rows + rows - 1) // rows):
         r0 = k * rows
         r1 = min(n_rows, r0 + rows)
         if stream:
             stream_normalize(
-                xf[r0 * n_ch : r1 * n_ch], yf[r0 * n_ch : r1 * n_ch], mean, scale, bias, n_ch
+                xf[r0 * n_ch : r1 * n_ch], yf[r0 * n_ch : r1 * n_ch], mt, scale, bt, n_ch
             )
             fence()
         else:
-            cols_normalize(x[r0:r1], mean, scale, bias, y[r0:r1])
+            cols_normalize(x[r0:r1], mt, scale, bt, y[r0:r1])
 
 
 @parallel

@@ -13,7 +13,7 @@ The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`
 ``fence`` after its last block. Per-channel constants are either scalars (broadcast) or
 float64 arrays read from ``c`` on (NHWC: wrapped tables, ``t[j] = t[j % C]``); the mean is
 None for float32 outputs, which are ``x * scale + shift``. The jitted helpers that pick that
-formula for the plain loops too (``apply``, ``at``, ``span``, ``output_tables``) live here
+formula for the plain loops too (``apply``, ``at``, ``span``, ``output_constants``) live here
 beside ``stream_apply`` so that the two cannot drift apart.
 
 numba's disk cache is keyed on ``_numba_kernels.py`` alone: after editing this module, touch
@@ -22,6 +22,7 @@ that file (or set ``FASTBN_NUMBA_CACHE=0``) or the cached kernels keep the old c
 
 import platform
 
+import numpy as np
 from llvmlite import ir
 from numba import types
 from numba.core import cgutils
@@ -183,18 +184,25 @@ def _apply(v, m, sc, b):
     return lambda v, m, sc, b: (v - m) * sc + b
 
 
-def output_tables(x, m, b, shift):
+def output_constants(x, m, sc, b):
     """The mean and bias that ``apply`` takes for the outputs of ``x``: ``(None, shift)`` for
-    float32 (``shift = b - m * scale``, float64), else ``(m, b)`` (jitted code only;
-    ``numba_cpu._output_tables`` is the same rule outside)."""
-    raise NotImplementedError("output_tables() is only for jitted code")
+    float32, with ``shift = b - m * sc`` in float64 (as the Cython kernels compute it), else
+    ``(m, b)``. Jitted code only: this is the one place of the numba backend's float32 rule."""
+    raise NotImplementedError("output_constants() is only for jitted code")
 
 
-@overload(output_tables, inline="always")
-def _output_tables(x, m, b, shift):
+@overload(output_constants, inline="always")
+def _output_constants(x, m, sc, b):
     if x.dtype == types.float32:
-        return lambda x, m, b, shift: (None, shift)
-    return lambda x, m, b, shift: (m, b)
+
+        def shifted(x, m, sc, b):
+            shift = np.empty(m.shape[0])
+            for j in range(m.shape[0]):
+                shift[j] = b[j] - m[j] * sc[j]
+            return None, shift
+
+        return shifted
+    return lambda x, m, sc, b: (m, b)
 
 
 def span(t, a, b):

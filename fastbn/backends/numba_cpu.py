@@ -25,7 +25,8 @@ running mean of the chunks before it; partials are merged with Chan's formula. C
 one whole row (``CHUNK / 2 < S <= CHUNK``) are read four at a time in lockstep (four rows of
 the channel, far apart in memory: one core reads faster from four places at once), all four
 centred on the running mean before them; the backward sums read four rows at a time too.
-Float32 outputs are ``x * scale + shift`` (``_output_tables``), as the Cython kernels'.
+Float32 outputs are ``x * scale + shift`` (``output_constants`` of _numba_stream), as the
+Cython kernels'.
 The number of threads only changes who computes which stripe, never what is computed, so
 results are bitwise identical for every thread count.
 """
@@ -206,6 +207,26 @@ _call_lock = threading.Lock()
 _concurrency_safe: bool | None = None
 
 
+@cache
+def _thread_count() -> tuple[Callable[[], int], Callable[[int], None], int]:
+    """numba's get and set of the calling thread's thread count, and its most threads.
+
+    ``numba.get_num_threads`` and ``set_num_threads`` take two locks on every call (1.3 and
+    1.9 us here, more than a small kernel's own dispatch); once numba's threads run, the
+    ctypes functions they end in are called directly (0.2 and 0.5 us). Should a numba
+    release move them, the public functions are used.
+    """
+    import numba
+    from numba.np.ufunc import parallel
+
+    numba.get_num_threads()  # starts numba's threads, which binds the functions below
+    get = getattr(parallel, "_get_num_threads", None)
+    set_ = getattr(parallel, "_set_num_threads", None)
+    if not (callable(get) and callable(set_)):
+        get, set_ = numba.get_num_threads, numba.set_num_threads
+    return get, set_, max_threads()
+
+
 def _run(fn: Callable, nthreads: int, *args) -> None:
     """Call a jitted kernel with numba's (thread-local) thread count set to `nthreads`.
 
@@ -215,27 +236,26 @@ def _run(fn: Callable, nthreads: int, *args) -> None:
     chose, and for good when it is ``workqueue``, calls are serialized with a lock.
     """
     global _concurrency_safe
-    import numba
-
-    n = 1 if args[0].size < SERIAL_BELOW else max(1, min(int(nthreads), max_threads()))
+    get, set_, most = _thread_count()
+    n = 1 if args[0].size < SERIAL_BELOW else max(1, min(int(nthreads), most))
     if _concurrency_safe:
-        _call_with_threads(numba, fn, n, args)
+        _call_with_threads(get, set_, fn, n, args)
         return
     with _call_lock:
-        _call_with_threads(numba, fn, n, args)
+        _call_with_threads(get, set_, fn, n, args)
         _concurrency_safe = threading_layer() not in (None, "workqueue")
 
 
-def _call_with_threads(numba, fn: Callable, n: int, args: tuple) -> None:
-    previous = numba.get_num_threads()
-    if previous == n:  # numba.set_num_threads costs a microsecond per call
+def _call_with_threads(get, set_, fn: Callable, n: int, args: tuple) -> None:
+    previous = get()
+    if previous == n:
         fn(*args)
         return
-    numba.set_num_threads(n)
+    set_(n)
     try:
         fn(*args)
     finally:
-        numba.set_num_threads(previous)
+        set_(previous)
 
 
 def _stripes(nchunks: int) -> int:
@@ -258,22 +278,14 @@ def _streamed(out, inputs, x, tables):
     stream = _stream(out, inputs, _nhwc_rows(x.shape[1]) * x.shape[1])
     if not stream:
         return stream, tables
-    return stream, tuple(None if t is None else _wrapped(t) for t in tables)
-
-
-def _output_tables(x, mean, scale, bias):
-    """The kernels' (mean, scale, bias) for the outputs of `x`: float32 outputs are
-    ``x * scale + shift`` with ``shift = bias - mean * scale`` in float64 (mean None), as
-    the Cython kernels compute them; float64 ones ``(x - mean) * scale + bias``."""
-    if x.dtype == np.float32:
-        return None, scale, bias - mean * scale
-    return mean, scale, bias
+    return stream, tuple(_wrapped(t) for t in tables)
 
 
 def _run_normalize(x, mean, scale, bias, y, nthreads):
-    """y = (x - mean) * scale + bias (`_output_tables`), streamed by the store rule."""
+    """y = (x - mean) * scale + bias (float32: ``x * scale + shift``, see the kernels'
+    ``output_constants``), streamed by the store rule."""
     kernel = _compiled()["nchw_normalize" if x.ndim == 3 else "nhwc_normalize"]
-    stream, tables = _streamed(y, (x,), x, _output_tables(x, mean, scale, bias))
+    stream, tables = _streamed(y, (x,), x, (mean, scale, bias))
     _run(kernel, nthreads, x, *tables, y, stream)
 
 
@@ -415,7 +427,7 @@ def _nhwc_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nt
 
 def _read_only(a: np.ndarray) -> np.ndarray:
     view = a.view()
-    view.flags.writeable = False
+    view.setflags(write=False)
     return view
 
 
