@@ -15,6 +15,8 @@
 
 #include <stddef.h>
 
+#include "_simd.h"
+
 #define FBN_BLOCK 64
 
 /* Apply EXPR(i) for i in [0, n) into OUT, block by block. */
@@ -32,6 +34,41 @@
         for (ptrdiff_t i = i0_; i < (n); i++) (OUT)[i] = (T)(EXPR);      \
     } while (0)
 
+/* Float32 outputs, EXPR(i) into OUT for i in [0, n). With wide vectors (FBN_WIDE) the
+ * values come from VEXPR, the same operations on FBN_W values from index j (the FBN_V_*
+ * forms below): a block of vectors is computed, then stored, then the remaining whole
+ * vectors, then single values. gcc's own vector loops for these expressions put a lane
+ * shuffle (vextract/vinsert) around each conversion between float32 and float64; in a C
+ * loop over rows in L2, one core: x * sc + c 6.2 -> 7.8 G values/s (AVX-512; 3.4 -> 6.4
+ * with AVX2), the dx expression 3.2 -> 3.8 (2.2 -> 3.7). */
+#if FBN_WIDE
+#define FBN_BLOCKED_F32(OUT, n, EXPR, VEXPR)                                                 \
+    do {                                                                                     \
+        ptrdiff_t i = 0;                                                                     \
+        for (; i + FBN_BLOCK <= (n); i += FBN_BLOCK) {                                       \
+            fbn_vd v_[FBN_BLOCK / FBN_W];                                                    \
+            for (int l_ = 0; l_ < FBN_BLOCK / FBN_W; l_++) {                                 \
+                ptrdiff_t j = i + l_ * FBN_W;                                                \
+                v_[l_] = (VEXPR);                                                            \
+            }                                                                                \
+            for (int l_ = 0; l_ < FBN_BLOCK / FBN_W; l_++)                                   \
+                fbn_storef((OUT) + i + l_ * FBN_W, v_[l_]);                                  \
+        }                                                                                    \
+        for (; i + FBN_W <= (n); i += FBN_W) {                                               \
+            ptrdiff_t j = i;                                                                 \
+            fbn_storef((OUT) + i, (VEXPR));                                                  \
+        }                                                                                    \
+        for (; i < (n); i++) (OUT)[i] = (float)(EXPR);                                       \
+    } while (0)
+#else
+#define FBN_BLOCKED_F32(OUT, n, EXPR, VEXPR) FBN_BLOCKED(float, OUT, n, EXPR)
+#endif
+/* x * s + c and k * ((g - a) - (x - m) * q) on FBN_W values from float32 pointers: the
+ * operations of the scalar expressions, in their order (s, c, k, a, m, q: vectors). */
+#define FBN_V_APPLY(X, S, C) fbn_add(fbn_mul(fbn_loadf(X), (S)), (C))
+#define FBN_V_DX(G, X, M, K, A, Q) \
+    fbn_mul((K), fbn_sub(fbn_sub(fbn_loadf(G), (A)), fbn_mul(fbn_sub(fbn_loadf(X), (M)), (Q))))
+
 /* The shift of the float32 apply: y = x * sc + (b - m * sc), see fastbn_apply_f32. */
 static inline double fastbn_shift(double m, double sc, double b) { return b - m * sc; }
 
@@ -46,12 +83,16 @@ static inline double fastbn_shift(double m, double sc, double b) { return b - m 
 static inline void fastbn_apply_f32(const float* x, float* y, ptrdiff_t n, double m, double sc,
                                     double b) {
     double c = fastbn_shift(m, sc, b);
-    FBN_BLOCKED(float, y, n, (double)x[i] * sc + c);
+#if FBN_WIDE
+    fbn_vd vs = fbn_set1(sc), vc = fbn_set1(c);
+#endif
+    FBN_BLOCKED_F32(y, n, (double)x[i] * sc + c, FBN_V_APPLY(x + j, vs, vc));
 }
 /* y = x * sc[i] + c[i], the float32 apply with per-value constants (c: shifts). */
 static inline void fastbn_apply_cols_f32(const float* x, float* y, ptrdiff_t n,
                                          const double* sc, const double* c) {
-    FBN_BLOCKED(float, y, n, (double)x[i] * sc[i] + c[i]);
+    FBN_BLOCKED_F32(y, n, (double)x[i] * sc[i] + c[i],
+                    FBN_V_APPLY(x + j, fbn_loadd(sc + j), fbn_loadd(c + j)));
 }
 /* float64: y = (x - m) * sc + b, scalar constants (an NCHW row). */
 static inline void fastbn_apply_f64(const double* x, double* y, ptrdiff_t n, double m,
@@ -64,20 +105,31 @@ static inline void fastbn_apply_cols_f64(const double* x, double* y, ptrdiff_t n
     FBN_BLOCKED(double, y, n, (x[i] - m[i]) * sc[i] + b[i]);
 }
 
-#define FBN_DEFINE_DX(SUFFIX, T)                                                             \
-    /* dx = k * ((dy - a) - (x - m) * q), scalar constants. */                               \
-    static inline void fastbn_dx_##SUFFIX(const T* g, const T* x, T* d, ptrdiff_t n,         \
-                                          double m, double k, double a, double q) {          \
-        FBN_BLOCKED(T, d, n, k * (((double)g[i] - a) - ((double)x[i] - m) * q));             \
-    }                                                                                        \
-    /* dx per channel constants (an NHWC row). */                                            \
-    static inline void fastbn_dx_cols_##SUFFIX(const T* g, const T* x, T* d, ptrdiff_t n,    \
-                                               const double* m, const double* k,             \
-                                               const double* a, const double* q) {           \
-        FBN_BLOCKED(T, d, n, k[i] * (((double)g[i] - a[i]) - ((double)x[i] - m[i]) * q[i])); \
-    }
-
-FBN_DEFINE_DX(f32, float)
-FBN_DEFINE_DX(f64, double)
+/* dx = k * ((dy - a) - (x - m) * q), scalar constants. */
+static inline void fastbn_dx_f32(const float* g, const float* x, float* d, ptrdiff_t n,
+                                 double m, double k, double a, double q) {
+#if FBN_WIDE
+    fbn_vd vm = fbn_set1(m), vk = fbn_set1(k), va = fbn_set1(a), vq = fbn_set1(q);
+#endif
+    FBN_BLOCKED_F32(d, n, k * (((double)g[i] - a) - ((double)x[i] - m) * q),
+                    FBN_V_DX(g + j, x + j, vm, vk, va, vq));
+}
+static inline void fastbn_dx_f64(const double* g, const double* x, double* d, ptrdiff_t n,
+                                 double m, double k, double a, double q) {
+    FBN_BLOCKED(double, d, n, k * ((g[i] - a) - (x[i] - m) * q));
+}
+/* dx per channel constants (an NHWC row). */
+static inline void fastbn_dx_cols_f32(const float* g, const float* x, float* d, ptrdiff_t n,
+                                      const double* m, const double* k, const double* a,
+                                      const double* q) {
+    FBN_BLOCKED_F32(d, n, k[i] * (((double)g[i] - a[i]) - ((double)x[i] - m[i]) * q[i]),
+                    FBN_V_DX(g + j, x + j, fbn_loadd(m + j), fbn_loadd(k + j),
+                             fbn_loadd(a + j), fbn_loadd(q + j)));
+}
+static inline void fastbn_dx_cols_f64(const double* g, const double* x, double* d, ptrdiff_t n,
+                                      const double* m, const double* k, const double* a,
+                                      const double* q) {
+    FBN_BLOCKED(double, d, n, k[i] * ((g[i] - a[i]) - (x[i] - m[i]) * q[i]));
+}
 
 #endif

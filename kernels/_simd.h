@@ -1,7 +1,8 @@
 /* The SIMD vocabulary of fastbn's C loops (_lanes.h, _stream_stores.h).
  *
  * FBN_W float64 lanes per vector: 512-bit vectors in the x86-64-v4 (AVX-512) build, 256-bit
- * in the x86-64-v3 (or AVX) one, 128-bit in the baseline SSE2 one; FASTBN_SIMD is 0 on other targets, which use the plain loops.
+ * in the x86-64-v3 (or AVX) one, 128-bit in the baseline SSE2 one; FASTBN_SIMD is 0 on other
+ * targets, which use the plain loops.
  * Only IEEE add/sub/mul and exact float32 widening: the builds give the same bits (fbn_or,
  * a bitwise OR, only moves bits: _traffic.h).
  */
@@ -25,6 +26,7 @@
     #define fbn_streamf(p, a, b) \
         _mm512_stream_ps((p), _mm512_insertf32x8(_mm512_castps256_ps512(_mm512_cvtpd_ps(a)), \
                                                  _mm512_cvtpd_ps(b), 1))
+    #define fbn_storef(p, a) _mm256_storeu_ps((p), _mm512_cvtpd_ps(a))
     #define fbn_streamd(p, a) _mm512_stream_pd((p), (a))
     #define fbn_or(a, b) _mm512_or_pd(a, b)
 #elif defined(__AVX__)
@@ -42,6 +44,7 @@
     /* Round 2*FBN_W doubles to float and stream them. */
     #define fbn_streamf(p, a, b) \
         _mm256_stream_ps((p), _mm256_set_m128(_mm256_cvtpd_ps(b), _mm256_cvtpd_ps(a)))
+    #define fbn_storef(p, a) _mm_storeu_ps((p), _mm256_cvtpd_ps(a)) /* FBN_W floats */
     #define fbn_streamd(p, a) _mm256_stream_pd((p), (a))
     #define fbn_or(a, b) _mm256_or_pd(a, b)
 #elif defined(__SSE2__)
@@ -62,6 +65,14 @@
     #define fbn_or(a, b) _mm_or_pd(a, b)
 #else
     #define FASTBN_SIMD 0
+#endif
+
+/* Vectors of at least 4 doubles (AVX, AVX-512): the float32 output loops are written with
+ * this vocabulary there (_elementwise.h). With SSE2's 2 lanes, gcc's own loops are as fast. */
+#if FASTBN_SIMD && FBN_W >= 4
+    #define FBN_WIDE 1
+#else
+    #define FBN_WIDE 0
 #endif
 
 /* Long runs are walked as FBN_STREAMS interleaved streams (_lanes.h, _stream_stores.h):

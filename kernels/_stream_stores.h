@@ -55,11 +55,11 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
 #endif
 }
 
-/* The body is computed block by block into a local buffer (FBN_SBLOCK doubles, plain C
- * expressions), then streamed: loads of x never follow the stores of the same block (see
- * _elementwise.h: interleaved, they stalled 3.5x when the output sits 16-63 bytes after the
- * input modulo 1 MiB). OUT is the output, EXPR the value at index j (of channel c + l in
- * the NHWC loops). */
+/* The body is computed block by block (FBN_SBLOCK values: into a local buffer of doubles
+ * from plain C expressions, or into vectors for float32 with wide vectors), then streamed:
+ * loads of x never follow the stores of the same block (see _elementwise.h: interleaved,
+ * they stalled 3.5x when the output sits 16-63 bytes after the input modulo 1 MiB). OUT is
+ * the output, EXPR the value at index j (of channel c + l in the NHWC loops). */
 #define FBN_SBLOCK 64
 #if FASTBN_STREAM_STORES
 /* One block: EXPR for j in [i, i + FBN_SBLOCK), channel c (NHWC), into OUT. */
@@ -72,11 +72,12 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
         }                                                                                    \
         STORE_BLOCK((OUT) + i, t_);                                                          \
     }
-/* The body, block by block: a long body is walked as FBN_STREAMS parts of q blocks, a block
+/* The body, block by block (ONE(OUT, EXPR) computes and streams the block at i: the
+ * FBN_STREAM_ONE_* below): a long body is walked as FBN_STREAMS parts of q blocks, a block
  * of each in turn (fbn_stream_part of _simd.h), then the remaining blocks in order. c is the
  * channel of the block's first value, CC the channel count (NHWC runs; NCHW rows pass 1 and
  * their EXPR ignores c). */
-#define FBN_STREAM_BODY(OUT, EXPR, CC, STORE_BLOCK)                                          \
+#define FBN_STREAM_BODY(OUT, EXPR, CC, ONE)                                                  \
     {                                                                                        \
         ptrdiff_t q_ = fbn_stream_part(n - i, FBN_SBLOCK) / FBN_SBLOCK;                      \
         if (q_ > 0) {                                                                        \
@@ -88,7 +89,7 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
             for (ptrdiff_t k_ = 0; k_ < q_; k_++)                                            \
                 for (int s_ = 0; s_ < FBN_STREAMS; s_++) {                                   \
                     ptrdiff_t i = i_[s_], c = c_[s_];                                        \
-                    FBN_STREAM_ONE(OUT, EXPR, STORE_BLOCK)                                   \
+                    ONE(OUT, EXPR)                                                           \
                     i_[s_] = i + FBN_SBLOCK;                                                 \
                     c_[s_] = (c + FBN_SBLOCK) % (CC);                                        \
                 }                                                                            \
@@ -96,7 +97,7 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
             c = (c + FBN_STREAMS * q_ * FBN_SBLOCK) % (CC);                                  \
         }                                                                                    \
         for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                                       \
-            FBN_STREAM_ONE(OUT, EXPR, STORE_BLOCK)                                           \
+            ONE(OUT, EXPR)                                                                   \
             c = (c + FBN_SBLOCK) % (CC);                                                     \
         }                                                                                    \
     }
@@ -107,11 +108,31 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
     fbn_streamf((p) + l, fbn_loadd((t) + l), fbn_loadd((t) + l + FBN_W))
 #define FBN_STREAM_BLOCK_F64(p, t)                                                           \
     for (int l = 0; l < FBN_SBLOCK; l += FBN_W) fbn_streamd((p) + l, fbn_loadd((t) + l))
-#define FBN_STREAM_BODY_F32(OUT, EXPR, CC) FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_BLOCK_F32)
-#define FBN_STREAM_BODY_F64(OUT, EXPR, CC) FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_BLOCK_F64)
+#define FBN_STREAM_ONE_F64(OUT, EXPR) FBN_STREAM_ONE(OUT, EXPR, FBN_STREAM_BLOCK_F64)
+#if FBN_WIDE
+/* Float32 with wide vectors: the block's FBN_SBLOCK / FBN_W vectors come from VEXPR (the
+ * FBN_V_* forms of _elementwise.h, FBN_W values from index j, constants from c + l), then
+ * are rounded and streamed; as the plain loops, without gcc's lane shuffles. */
+#define FBN_STREAM_ONE_F32(OUT, VEXPR)                                                       \
+    {                                                                                        \
+        fbn_vd v_[FBN_SBLOCK / FBN_W];                                                       \
+        for (int l = 0; l < FBN_SBLOCK; l += FBN_W) {                                        \
+            ptrdiff_t j = i + l;                                                             \
+            v_[l / FBN_W] = (VEXPR);                                                         \
+        }                                                                                    \
+        for (int l = 0; l < FBN_SBLOCK / FBN_W; l += 2)                                      \
+            fbn_streamf((OUT) + i + l * FBN_W, v_[l], v_[l + 1]);                            \
+    }
+#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC)                                            \
+    FBN_STREAM_BODY(OUT, VEXPR, CC, FBN_STREAM_ONE_F32)
 #else
-#define FBN_STREAM_BODY_F32(OUT, EXPR, CC)
-#define FBN_STREAM_BODY_F64(OUT, EXPR, CC)
+#define FBN_STREAM_ONE_F32(OUT, EXPR) FBN_STREAM_ONE(OUT, EXPR, FBN_STREAM_BLOCK_F32)
+#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC) FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_ONE_F32)
+#endif
+#define FBN_STREAM_BODY_F64(OUT, EXPR, VEXPR, CC) FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_ONE_F64)
+#else
+#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC)
+#define FBN_STREAM_BODY_F64(OUT, EXPR, VEXPR, CC)
 #endif
 
 /* y = x * sc + shift (float32, see fastbn_apply_f32) or (x - m) * sc + b (float64), scalar
@@ -120,15 +141,18 @@ static void fastbn_apply_nt_f32(const float* x, float* y, ptrdiff_t n, double m,
                                 double b) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(float));
     double s = fastbn_shift(m, sc, b);
+#if FBN_WIDE
+    fbn_vd vs = fbn_set1(sc), vc = fbn_set1(s);
+#endif
     for (; i < h; i++) y[i] = (float)((double)x[i] * sc + s);
-    FBN_STREAM_BODY_F32(y, (double)x[j] * sc + s, 1)
+    FBN_STREAM_BODY_F32(y, (double)x[j] * sc + s, FBN_V_APPLY(x + j, vs, vc), 1)
     for (; i < n; i++) y[i] = (float)((double)x[i] * sc + s);
 }
 static void fastbn_apply_nt_f64(const double* x, double* y, ptrdiff_t n, double m, double sc,
                                 double b) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(double));
     for (; i < h; i++) y[i] = (x[i] - m) * sc + b;
-    FBN_STREAM_BODY_F64(y, (x[j] - m) * sc + b, 1)
+    FBN_STREAM_BODY_F64(y, (x[j] - m) * sc + b, , 1)
     for (; i < n; i++) y[i] = (x[i] - m) * sc + b;
 }
 
@@ -136,15 +160,19 @@ static void fastbn_apply_nt_f64(const double* x, double* y, ptrdiff_t n, double 
 static void fastbn_dx_nt_f32(const float* g, const float* x, float* d, ptrdiff_t n, double m,
                              double k, double a, double q) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(d, n, sizeof(float));
+#if FBN_WIDE
+    fbn_vd vm = fbn_set1(m), vk = fbn_set1(k), va = fbn_set1(a), vq = fbn_set1(q);
+#endif
     for (; i < h; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
-    FBN_STREAM_BODY_F32(d, k * (((double)g[j] - a) - ((double)x[j] - m) * q), 1)
+    FBN_STREAM_BODY_F32(d, k * (((double)g[j] - a) - ((double)x[j] - m) * q),
+                        FBN_V_DX(g + j, x + j, vm, vk, va, vq), 1)
     for (; i < n; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
 }
 static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdiff_t n,
                              double m, double k, double a, double q) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(d, n, sizeof(double));
     for (; i < h; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
-    FBN_STREAM_BODY_F64(d, k * ((g[j] - a) - (x[j] - m) * q), 1)
+    FBN_STREAM_BODY_F64(d, k * ((g[j] - a) - (x[j] - m) * q), , 1)
     for (; i < n; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
 }
 
@@ -158,12 +186,21 @@ static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdif
 /* The value at index j of a row of channel c (the expressions of fastbn_apply_nt_*). */
 #define FBN_ROW_EXPR_f32 ((double)x[j] * sc[c] + fastbn_shift(m[c], sc[c], b[c]))
 #define FBN_ROW_EXPR_f64 ((x[j] - m[c]) * sc[c] + b[c])
+/* One streamed block of a row (FBN_STREAM_ONE_*: vectors for float32 with wide vectors). */
+#if FBN_WIDE
+#define FBN_ROW_BLOCK_f32                                                                    \
+    FBN_STREAM_ONE_F32(y, FBN_V_APPLY(x + j, fbn_set1(sc[c]),                                \
+                                      fbn_set1(fastbn_shift(m[c], sc[c], b[c]))))
+#else
+#define FBN_ROW_BLOCK_f32 FBN_STREAM_ONE_F32(y, FBN_ROW_EXPR_f32)
+#endif
+#define FBN_ROW_BLOCK_f64 FBN_STREAM_ONE_F64(y, FBN_ROW_EXPR_f64)
 #define FBN_ROW_VALUE(T, SUFFIX)                                                             \
     {                                                                                        \
         ptrdiff_t j = o + i;                                                                 \
         y[j] = (T)(FBN_ROW_EXPR_##SUFFIX);                                                   \
     }
-#define FBN_DEFINE_ROWS_NT(SUFFIX, T, STORE_BLOCK)                                           \
+#define FBN_DEFINE_ROWS_NT(SUFFIX, T)                                                        \
     static void fastbn_apply_rows_nt_##SUFFIX(const T* x, T* y, ptrdiff_t nr, ptrdiff_t S,   \
                                               ptrdiff_t C, ptrdiff_t c0, const double* m,    \
                                               const double* sc, const double* b) {           \
@@ -193,7 +230,7 @@ static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdif
                 if (i + FBN_SBLOCK <= S) {                                                   \
                     ptrdiff_t i0 = i;                                                        \
                     i = o + i0;                                                              \
-                    FBN_STREAM_ONE(y, FBN_ROW_EXPR_##SUFFIX, STORE_BLOCK)                    \
+                    FBN_ROW_BLOCK_##SUFFIX                                                   \
                     i = i0 + FBN_SBLOCK;                                                     \
                 } else {                                                                     \
                     for (; i < S; i++) FBN_ROW_VALUE(T, SUFFIX)                              \
@@ -206,8 +243,8 @@ static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdif
             }                                                                                \
         }                                                                                    \
     }
-FBN_DEFINE_ROWS_NT(f32, float, FBN_STREAM_BLOCK_F32)
-FBN_DEFINE_ROWS_NT(f64, double, FBN_STREAM_BLOCK_F64)
+FBN_DEFINE_ROWS_NT(f32, float)
+FBN_DEFINE_ROWS_NT(f64, double)
 #else
 #define FBN_DEFINE_ROWS_NT(SUFFIX, T)                                                        \
     static void fastbn_apply_rows_nt_##SUFFIX(const T* x, T* y, ptrdiff_t nr, ptrdiff_t S,   \
@@ -237,7 +274,8 @@ static void fastbn_apply_cols_nt_f32(const float* x, float* y, ptrdiff_t n, ptrd
                                      const double* sc, const double* s) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(float));
     for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (float)((double)x[i] * sc[c] + s[c]);
-    FBN_STREAM_BODY_F32(y, (double)x[j] * sc[c + l] + s[c + l], C)
+    FBN_STREAM_BODY_F32(y, (double)x[j] * sc[c + l] + s[c + l],
+                        FBN_V_APPLY(x + j, fbn_loadd(sc + c + l), fbn_loadd(s + c + l)), C)
     for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (float)((double)x[i] * sc[c] + s[c]);
 }
 /* y = (x - m[c]) * sc[c] + b[c] (float64) */
@@ -245,7 +283,7 @@ static void fastbn_apply_cols_nt_f64(const double* x, double* y, ptrdiff_t n, pt
                                      const double* m, const double* sc, const double* b) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(double));
     for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (x[i] - m[c]) * sc[c] + b[c];
-    FBN_STREAM_BODY_F64(y, (x[j] - m[c + l]) * sc[c + l] + b[c + l], C)
+    FBN_STREAM_BODY_F64(y, (x[j] - m[c + l]) * sc[c + l] + b[c + l], , C)
     for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (x[i] - m[c]) * sc[c] + b[c];
 }
 #define FBN_DEFINE_COLS_NT(SUFFIX, T, BODY)                                                  \
@@ -256,7 +294,10 @@ static void fastbn_apply_cols_nt_f64(const double* x, double* y, ptrdiff_t n, pt
         ptrdiff_t i = 0, c = 0, h = FBN_HEAD(d, n, sizeof(T));                               \
         for (; i < h; i++, FBN_NEXT(c, 1, C))                                                \
             d[i] = (T)(k[c] * (((double)g[i] - a[c]) - ((double)x[i] - m[c]) * q[c]));       \
-        BODY(d, k[c + l] * (((double)g[j] - a[c + l]) - ((double)x[j] - m[c + l]) * q[c + l]), C)                                                     \
+        BODY(d, k[c + l] * (((double)g[j] - a[c + l]) - ((double)x[j] - m[c + l]) * q[c + l]), \
+             FBN_V_DX(g + j, x + j, fbn_loadd(m + c + l), fbn_loadd(k + c + l),              \
+                      fbn_loadd(a + c + l), fbn_loadd(q + c + l)),                           \
+             C)                                                                              \
         for (; i < n; i++, FBN_NEXT(c, 1, C))                                                \
             d[i] = (T)(k[c] * (((double)g[i] - a[c]) - ((double)x[i] - m[c]) * q[c]));       \
     }
