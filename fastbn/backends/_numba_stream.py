@@ -6,7 +6,9 @@ widened to float64, combined with the same IEEE operations in the same order as 
 loops (no fast-math flags, hence no FMA), rounded once, and stored with ``!nontemporal``
 stores that LLVM splits into the CPU's vector width (``vmovntps``/``vmovntpd``). All loads
 of a block come before its stores, so the output's stores never stall the next loads
-(see ``kernels/_elementwise.h``). Same bits as the plain loops (tested).
+(see ``kernels/_elementwise.h``). Same bits as the plain loops (tested). ``plain_apply``
+is ``stream_apply`` with ordinary stores, for the outputs that stay in cache: float32
+blocks are stored as the halves one vector of doubles rounds to (``_float32_lanes``).
 
 The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`` on, and
 ``&y[i]`` on a cache line (the rows start with a head of ordinary stores), and it calls
@@ -71,15 +73,44 @@ def _constant(context, builder, ty, value, offset) -> ir.Value:
     )
 
 
-def _store_nt(context, builder, arrty, arr, index, value: ir.Value) -> None:
-    """Round value to the array's dtype and store it at arr[index:] with streaming stores."""
+def _float32_lanes() -> int:
+    """Float32 values per store of a rounded block: what one vector of doubles rounds to
+    (8 with AVX-512, else 4). Stored whole, LLVM joins two such halves with a lane shuffle
+    (``vinsertf64x4``) per vector; numba's plain float32 loops do the same. A C-like loop
+    over rows in L2, one core: 6.3 -> 7.0 G values/s for ``x * sc + b``."""
+    from llvmlite import binding
+
+    return 8 if binding.get_host_cpu_features().get("avx512f") else 4
+
+
+_LANES32 = _float32_lanes()
+
+
+def _store(context, builder, arrty, arr, index, value: ir.Value, nontemporal: bool) -> None:
+    """Round value to the array's dtype and store it at arr[index:]: with streaming stores
+    (``&arr[index]`` on a cache line) or ordinary ones (any alignment)."""
     elem = context.get_data_type(arrty.dtype)
+    item = elem.get_abi_size(context.target_data)
+    lanes = BLOCK
     if elem != _F64:
         value = builder.fptrunc(value, ir.VectorType(elem, BLOCK))
-    store = builder.store(
-        value, _block_pointer(context, builder, arrty, arr, index, elem), align=LINE
+        # Streaming stores stay whole vectors: stored in halves, they left half lines to the
+        # write-combining buffers (numba's (32, 64, 3136) normalize 1.0-1.4x slower).
+        lanes = BLOCK if nontemporal else _LANES32
+    base = builder.bitcast(
+        _block_pointer(context, builder, arrty, arr, index, elem),
+        ir.VectorType(elem, lanes).as_pointer(),
     )
-    store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
+    undef = ir.Constant(ir.VectorType(elem, BLOCK), ir.Undefined)
+    for k in range(BLOCK // lanes):
+        part = value
+        if lanes < BLOCK:
+            pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(k * lanes, (k + 1) * lanes)))
+            part = builder.shuffle_vector(value, undef, pick)
+        at = builder.gep(base, [ir.Constant(_I32, k)])
+        store = builder.store(part, at, align=LINE if nontemporal else item)
+        if nontemporal:
+            store.set_metadata("nontemporal", builder.module.add_metadata([ir.Constant(_I32, 1)]))
 
 
 def _check_constants(*constants) -> None:
@@ -93,14 +124,7 @@ def _check_constants(*constants) -> None:
             raise TypeError(f"a constant must be a float or a float64 array, got {c}")
 
 
-@intrinsic
-def stream_apply(typingctx, x, y, i, m, sc, b, c):
-    """``y[i:i+BLOCK] = (x[i:i+BLOCK] - m) * sc + b`` (constants from ``c`` if tables);
-    ``x * sc + b`` when ``m`` is None (float32: ``b`` holds the shifts, see ``apply``)."""
-    _check_arrays(x, y)
-    _check_constants(m, sc, b)
-    sig = types.void(x, y, i, m, sc, b, c)
-
+def _apply_codegen(nontemporal: bool):
     def codegen(context, builder, signature, args):
         tx, ty, _, tm, ts, tb, _ = signature.args
         ax, ay, idx, vm, vs, vb, off = args
@@ -109,10 +133,27 @@ def stream_apply(typingctx, x, y, i, m, sc, b, c):
             v = builder.fsub(v, _constant(context, builder, tm, vm, off))
         v = builder.fmul(v, _constant(context, builder, ts, vs, off))
         v = builder.fadd(v, _constant(context, builder, tb, vb, off))
-        _store_nt(context, builder, ty, ay, idx, v)
+        _store(context, builder, ty, ay, idx, v, nontemporal)
         return context.get_dummy_value()
 
-    return sig, codegen
+    return codegen
+
+
+@intrinsic
+def stream_apply(typingctx, x, y, i, m, sc, b, c):
+    """``y[i:i+BLOCK] = (x[i:i+BLOCK] - m) * sc + b`` (constants from ``c`` if tables);
+    ``x * sc + b`` when ``m`` is None (float32: ``b`` holds the shifts, see ``apply``)."""
+    _check_arrays(x, y)
+    _check_constants(m, sc, b)
+    return types.void(x, y, i, m, sc, b, c), _apply_codegen(nontemporal=True)
+
+
+@intrinsic
+def plain_apply(typingctx, x, y, i, m, sc, b, c):
+    """``stream_apply`` with ordinary stores, at any index."""
+    _check_arrays(x, y)
+    _check_constants(m, sc, b)
+    return types.void(x, y, i, m, sc, b, c), _apply_codegen(nontemporal=False)
 
 
 @intrinsic
@@ -133,7 +174,7 @@ def stream_dx(typingctx, g, x, d, i, m, k, a, q, c):
             _constant(context, builder, tq, vq, off),
         )
         v = builder.fmul(_constant(context, builder, tk, vk, off), builder.fsub(left, right))
-        _store_nt(context, builder, td, ad, idx, v)
+        _store(context, builder, td, ad, idx, v, nontemporal=True)
         return context.get_dummy_value()
 
     return sig, codegen

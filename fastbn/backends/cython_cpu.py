@@ -149,7 +149,8 @@ def kernels(layout: str) -> dict[str, Callable[..., None]]:
     dict of str to callable
         The five kernels of CONTRACT.md (``stats``, ``train_forward``, ``normalize``,
         ``backward_reduce``, ``backward_train``). Each releases the GIL, takes ``nthreads``
-        as its last argument and returns ``None``.
+        as its last argument and returns ``None``. The table is shared (one per layout, as
+        numba's): read it, do not modify it.
 
     Raises
     ------
@@ -167,7 +168,7 @@ def kernels(layout: str) -> dict[str, Callable[..., None]]:
             raise RuntimeError(f"the cython backend is unavailable: {unavailable_reason()}")
         table = {name: getattr(mod, f"{layout}_{name}") for name in KERNEL_NAMES}
         _tables[layout] = table
-    return dict(table)
+    return table
 
 
 def traffic_floor(
