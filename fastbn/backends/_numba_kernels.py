@@ -918,8 +918,11 @@ def nhwc_normalize(x, mean, scale, bias, y, stream):
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     mt, bt = output_constants(x, mean, scale, bias)
-    for k in prange((n_rows + rows - 1) // rows):
-        r0 = k * rows
+    nk = (n_rows + rows - 1) // rows
+    for k in prange(nk):
+        # Last chunk first, each thread's in reverse: the rows that the statistics (or the
+        # backward's sums) read last are still in cache. Elementwise: same bits.
+        r0 = (nk - 1 - k) * rows
         r1 = min(n_rows, r0 + rows)
         if stream:
             stream_normalize(
@@ -963,8 +966,9 @@ def nhwc_dx(dy, x, mean, k, shift, proj, dx, stream):
     gf = dy.reshape(-1)
     xf = x.reshape(-1)
     df = dx.reshape(-1)
-    for u in prange((n_rows + rows - 1) // rows):
-        r0 = u * rows
+    nk = (n_rows + rows - 1) // rows
+    for u in prange(nk):
+        r0 = (nk - 1 - u) * rows  # last chunk first, as nhwc_normalize
         r1 = min(n_rows, r0 + rows)
         if stream:
             a = r0 * n_ch
