@@ -221,9 +221,10 @@ def check_out(
             f"out must have shape {x.shape} and dtype {x.dtype}, got shape {out.shape} and "
             f"dtype {out.dtype}"
         )
-    if not out.flags.c_contiguous:
+    flags = out.flags
+    if not flags.c_contiguous:
         raise ValueError("out must be C-contiguous")
-    if not out.flags.writeable:
+    if not flags.writeable:
         raise ValueError("out must be writable")
     for a in allowed_aliases:
         if out is a:

@@ -41,8 +41,16 @@ def default_num_threads() -> int:
     return _usable_cpus()
 
 
+class _Override(threading.local):
+    """A Python thread's scoped thread count (`num_threads`); None: the global one. A class
+    default rather than ``getattr(local, "n", None)``, which raises and catches an
+    AttributeError inside on every call of a thread that never set it (0.4 us a call)."""
+
+    n: int | None = None
+
+
 _global = default_num_threads()
-_local = threading.local()
+_local = _Override()
 
 
 def _check(n: object) -> int:
@@ -67,7 +75,7 @@ def set_num_threads(n: int) -> None:
 
 def get_num_threads() -> int:
     """Return the number of threads the next call on this thread will use."""
-    override = getattr(_local, "n", None)
+    override = _local.n
     return _global if override is None else override
 
 
@@ -79,7 +87,7 @@ def num_threads(n: int) -> Iterator[None]:
     count; the previous value comes back also when the block raises.
     """
     n = _check(n)
-    previous = getattr(_local, "n", None)
+    previous = _local.n
     _local.n = n
     try:
         yield
