@@ -82,9 +82,9 @@ def choose_backend(name: str | None) -> ModuleType:
 
     The automatic choice is the compiled Cython backend when it was built, otherwise numba.
     Measured with fastbn-bench on the benchmark shapes (README, "Measured results"), numba
-    took 1.00x-1.26x the Cython backend's time channels-first and 0.95x-1.23x channels-last,
-    and its first call in a fresh process costs about 0.6 s from the disk cache (9 s without)
-    against 12 ms. It never picks ``"cuda"`` for NumPy inputs.
+    took 0.92x-1.34x the Cython backend's time channels-first and 1.02x-1.53x channels-last,
+    and its first call in a fresh process costs about 0.3 s from the disk cache (6.5 s
+    without) against 7 ms. It never picks ``"cuda"`` for NumPy inputs.
     """
     if name is not None:
         return get_backend(name)
