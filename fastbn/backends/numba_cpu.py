@@ -276,9 +276,7 @@ def _streamed(out, inputs, x, tables):
     if x.ndim == 3:
         return _stream(out, inputs, x.shape[2]), tables
     stream = _stream(out, inputs, _nhwc_rows(x.shape[1]) * x.shape[1])
-    if not stream:
-        return stream, tables
-    return stream, tuple(_wrapped(t) for t in tables)
+    return stream, tuple(_wrapped(t) for t in tables) if stream else tables
 
 
 def _run_normalize(x, mean, scale, bias, y, nthreads):
