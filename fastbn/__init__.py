@@ -6,6 +6,12 @@ interchangeable backends: parallel Numba kernels, Cython/OpenMP kernels and numb
 """
 
 from ._config import show_config
+from ._outputs import (
+    clear_output_cache,
+    get_output_cache_limit,
+    output_cache_info,
+    set_output_cache_limit,
+)
 from ._stores import get_stream_threshold, set_stream_threshold, stream_threshold
 from ._threads import get_num_threads, num_threads, set_num_threads
 from .backends import BackendUnavailableError, available_backends
@@ -22,11 +28,15 @@ __all__ = [
     "batch_norm",
     "batch_norm_backward",
     "batch_norm_train",
+    "clear_output_cache",
     "get_num_threads",
+    "get_output_cache_limit",
     "get_stream_threshold",
     "moments",
     "num_threads",
+    "output_cache_info",
     "set_num_threads",
+    "set_output_cache_limit",
     "set_stream_threshold",
     "show_config",
     "stream_threshold",

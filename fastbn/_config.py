@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from importlib import metadata
 
+from ._outputs import output_cache_info
 from ._stores import get_stream_threshold
 from ._threads import default_num_threads, get_num_threads
 from .backends import BACKENDS, available_backends, get_backend
@@ -24,6 +25,7 @@ def config() -> dict[str, object]:
         "backends available": available,
         "threads (current / default)": f"{get_num_threads()} / {default_num_threads()}",
         "streaming stores from (bytes)": get_stream_threshold(),
+        "output cache (bytes held / limit)": _cache_summary(),
     }
     for name in available:
         describe = getattr(get_backend(name), "describe", None)
@@ -31,6 +33,13 @@ def config() -> dict[str, object]:
             for key, value in describe().items():
                 info[f"{name}: {key}"] = value
     return info
+
+
+def _cache_summary() -> str:
+    info = output_cache_info()
+    if "unavailable" in info:
+        return f"off: {info['unavailable']}"
+    return f"{info['held']} / {info['limit']}"
 
 
 def show_config() -> None:

@@ -16,6 +16,7 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from ._outputs import empty as fresh_output
 from ._threads import get_num_threads
 from .backends import BACKENDS, choose_backend, usable_backend
 
@@ -56,6 +57,9 @@ class HostOps:
 
     def empty(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
         return np.empty(shape, dtype=dtype)
+
+    def output(self, shape: tuple[int, ...], dtype: np.dtype) -> np.ndarray:
+        return fresh_output(shape, dtype)
 
     def full(self, n: int, value: float, dtype: Any = np.float64) -> np.ndarray:
         return np.full(n, value, dtype=dtype)
@@ -265,10 +269,6 @@ class Plan(NamedTuple):
             t = np.ascontiguousarray(t)
         return t.reshape(self.shape)
 
-    def empty(self, dtype: np.dtype, ops: Any = HOST) -> np.ndarray:
-        """A fresh output in canonical form."""
-        return ops.empty(self.shape, dtype)
-
     def restore(self, a: np.ndarray) -> np.ndarray:
         """Map a canonical array back to the user's shape (and memory order)."""
         if self.perm is None:
@@ -319,7 +319,7 @@ class Call:
         """(canonical output to write, user-facing array to return)."""
         if self.out is not None:
             return self.out.reshape(self.plan.shape), self.out
-        yc = self.plan.empty(dtype, self.ops)
+        yc = self.ops.output(self.plan.shape, dtype)
         return yc, self.plan.restore(yc)
 
 

@@ -608,6 +608,34 @@ def test_stream_threshold_is_set_for_the_run_and_restored(
     assert bench.parse_args(command[1:]).stream_threshold == value
 
 
+def test_output_cache_limit_is_set_for_the_run_then_restored_and_emptied(
+    monkeypatch: Any,
+) -> None:
+    fastbn.set_output_cache_limit(None)
+    default = fastbn.get_output_cache_limit()
+    seen: list[int] = []
+    real = bench.time_entries
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(fastbn.get_output_cache_limit())
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.timing, "time_entries", spy)
+    argv = [*TINY, "--op", "infer", "--backend", "numpy", "--no-progress"]
+    report = bench.run(bench.parse_args([*argv, "--output-cache", "0"]))
+    assert seen and set(seen) == {0}
+    assert fastbn.get_output_cache_limit() == default
+    assert fastbn.output_cache_info()["held"] == 0
+    assert report["config"]["output_cache"] == 0
+    assert any("--output-cache" in note for note in report["notes"])
+    command = bench.command_line(report).split()
+    assert command[command.index("--output-cache") + 1] == "0"
+    assert bench.parse_args(command[1:]).output_cache == 0
+    assert bench.parse_args(argv).output_cache is None
+    with pytest.raises(SystemExit):
+        bench.parse_args([*argv, "--output-cache", "-1"])
+
+
 #: Medians (ms) of the synthetic report at 1 thread, NCHW; NHWC takes twice as long and
 #: every implementation but NumPy twice as fast with 2 threads.
 SYNTHETIC_MS = {

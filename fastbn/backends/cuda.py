@@ -711,6 +711,8 @@ class DeviceOps:
         """An uninitialized device array."""
         return empty(shape, dtype)
 
+    output = empty
+
     def full(self, n: int, value: float, dtype: Any = np.float64) -> Any:
         """A ``(n,)`` device array filled with ``value``."""
         return full(n, value, dtype)

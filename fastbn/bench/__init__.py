@@ -34,7 +34,10 @@ Measurement
   once from the last-level cache turns off.
 * Outputs allocated fresh by each call (``mode = "fresh"``) and outputs written into a
   preallocated, pre-faulted array (``mode = "out"``: fastbn's ``out=``, ONNX Runtime's
-  I/O binding) are reported separately.
+  I/O binding) are reported separately. fastbn's fresh outputs come from its output cache
+  (the buffers of the outputs released before, ``fastbn.set_output_cache_limit``), as in a
+  loop over batches of one shape; ``--output-cache 0`` gives every fresh output new pages,
+  as the peers' are. The cache is emptied at the end of a run.
 * The copy roofline is timed *with every case*, interleaved like an implementation: a
   parallel copy of the case's input into a preallocated array of the same size (NumPy
   ``copyto``, one contiguous slice per thread from a thread pool; NumPy releases the GIL and
@@ -109,7 +112,7 @@ JSON schema (``--json FILE``, ``"version": 3``)
 "backends": [str], "peers": {name: version or null}},
 "config": {"shapes": [[int]], "layouts": [str], "dtypes": [str], "ops": [str],
 "threads": [int], "implementations": [str], "modes": [str], "repeat", "warmup", "pause",
-"warm": bool, "stream_threshold": int or null},
+"warm": bool, "stream_threshold": int or null, "output_cache": int or null},
 "copy": [{"threads", "nbytes", "gbps", "method", "methods": {name: gbps},
 "fresh_gbps"}], "notes": [str],
 "results": [{"shape": [int], "array_shape": [int], "layout", "dtype", "op", "threads",

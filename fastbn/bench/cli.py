@@ -131,6 +131,8 @@ class Config:
         Call each implementation once, untimed, right before each of its timed calls.
     stream_threshold : int or None
         fastbn's streaming-store threshold in bytes for the run (None: its default).
+    output_cache : int or None
+        fastbn's output-cache limit in bytes for the run (None: its default).
     json_path, plot_path, markdown_path : str or None
         Output files.
     from_json : str or None
@@ -157,6 +159,7 @@ class Config:
     pause: float = 0.005
     warm: bool = False
     stream_threshold: int | None = None
+    output_cache: int | None = None
     json_path: str | None = None
     plot_path: str | None = None
     markdown_path: str | None = None
@@ -272,6 +275,15 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="BYTES",
         help="fastbn's output size from which streaming stores are used, for this run "
         "(fastbn.set_stream_threshold; 'off': never; default: fastbn's, twice a core's L2)",
+    )
+    parser.add_argument(
+        "--output-cache",
+        type=_nonnegative_int,
+        default=None,
+        metavar="BYTES",
+        help="the most bytes of released outputs fastbn keeps to allocate fresh outputs in, "
+        "for this run (fastbn.set_output_cache_limit; 0: off, every fresh output gets new "
+        "pages; default: fastbn's)",
     )
     parser.add_argument("--json", dest="json_path", metavar="FILE", help="write results as JSON")
     parser.add_argument(
@@ -421,6 +433,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         pause=ns.pause,
         warm=ns.warm,
         stream_threshold=ns.stream_threshold,
+        output_cache=ns.output_cache,
         json_path=ns.json_path,
         plot_path=ns.plot_path,
         markdown_path=ns.markdown_path,

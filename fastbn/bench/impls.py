@@ -409,3 +409,17 @@ def stream_scope(nbytes: int | None) -> contextlib.AbstractContextManager[None]:
     """fastbn's streaming-store threshold set to `nbytes` for a ``with`` block (None: left
     as it is)."""
     return contextlib.nullcontext() if nbytes is None else fastbn.stream_threshold(nbytes)
+
+
+@contextlib.contextmanager
+def output_cache_scope(nbytes: int | None) -> Iterator[None]:
+    """fastbn's output-cache limit set to `nbytes` for a ``with`` block (None: left as it
+    is); the buffers the run left in the cache are freed on exit."""
+    old = fastbn.get_output_cache_limit()
+    if nbytes is not None:
+        fastbn.set_output_cache_limit(nbytes)
+    try:
+        yield
+    finally:
+        fastbn.set_output_cache_limit(old)
+        fastbn.clear_output_cache()

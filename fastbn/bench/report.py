@@ -339,6 +339,8 @@ def command_line(report: dict[str, Any]) -> str:
     threshold = cfg.get("stream_threshold")
     if threshold is not None:
         args += ["--stream-threshold", "off" if threshold >= STREAM_OFF else str(threshold)]
+    if cfg.get("output_cache") is not None:
+        args += ["--output-cache", str(cfg["output_cache"])]
     if any(r.get("peak_extra_bytes") is not None for r in report["results"]):
         args.append("--memory")
     if report.get("cold_start"):

@@ -25,6 +25,7 @@ from .impls import (
     impl_kind,
     impl_modes,
     make_callable,
+    output_cache_scope,
     stream_scope,
     supports,
     thread_scope,
@@ -267,7 +268,11 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             else f"for outputs of at least {config.stream_threshold} bytes"
         )
         notes.append(f"fastbn: streaming stores {what} in this run (--stream-threshold)")
-    with progress, stream_scope(config.stream_threshold):
+    if config.output_cache is not None:
+        notes.append(
+            f"fastbn: output cache limit {config.output_cache} bytes in this run (--output-cache)"
+        )
+    with progress, stream_scope(config.stream_threshold), output_cache_scope(config.output_cache):
         task = progress.add_task("copy bandwidth", total=total + len(config.threads))
         for n in config.threads:
             copy[n] = measure_copy_bandwidth(n, config.copy_mib * 1024 * 1024)
@@ -341,6 +346,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
             "pause": config.pause,
             "warm": config.warm,
             "stream_threshold": config.stream_threshold,
+            "output_cache": config.output_cache,
         },
         "copy": [copy[n] for n in config.threads],
         "notes": notes,
