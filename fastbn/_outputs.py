@@ -12,10 +12,11 @@ buffer is handed out again only after NumPy has freed every array that used it.
 from __future__ import annotations
 
 import math
-import operator
 import os
 
 import numpy as np
+
+from ._stores import check_nbytes
 
 try:
     from . import _output_cache as _cache
@@ -72,20 +73,9 @@ def set_output_cache_limit(nbytes: int | None) -> None:
     ValueError
         If `nbytes` is negative.
     """
-    if nbytes is None:
-        nbytes = default_output_cache_limit()
-    if isinstance(nbytes, bool):
-        raise TypeError("nbytes must be an integer or None, got bool")
-    try:
-        nbytes = operator.index(nbytes)
-    except TypeError:
-        raise TypeError(
-            f"nbytes must be an integer or None, got {type(nbytes).__name__}"
-        ) from None
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    nbytes = check_nbytes(default_output_cache_limit() if nbytes is None else nbytes)
     if _cache is not None:
-        _cache.set_limit(nbytes)
+        _cache.set_limit(min(nbytes, 2**63))  # a size_t in C
 
 
 def clear_output_cache() -> None:

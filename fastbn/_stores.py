@@ -14,6 +14,21 @@ from collections.abc import Iterator
 from .backends import cython_cpu, numba_cpu
 
 
+def check_nbytes(nbytes: object) -> int:
+    """`nbytes` as an int >= 0 (a byte-count setting); TypeError or ValueError otherwise."""
+    if isinstance(nbytes, bool):
+        raise TypeError("nbytes must be an integer or None, got bool")
+    try:
+        value = operator.index(nbytes)
+    except TypeError:
+        raise TypeError(
+            f"nbytes must be an integer or None, got {type(nbytes).__name__}"
+        ) from None
+    if value < 0:
+        raise ValueError(f"nbytes must be >= 0, got {value}")
+    return value
+
+
 def get_stream_threshold() -> int:
     """Return the output size in bytes from which the CPU backends use streaming stores.
 
@@ -43,18 +58,7 @@ def set_stream_threshold(nbytes: int | None) -> None:
     ValueError
         If `nbytes` is negative.
     """
-    if nbytes is None:
-        nbytes = numba_cpu.DEFAULT_STREAM_MIN_BYTES
-    if isinstance(nbytes, bool):
-        raise TypeError("nbytes must be an integer or None, got bool")
-    try:
-        nbytes = operator.index(nbytes)
-    except TypeError:
-        raise TypeError(
-            f"nbytes must be an integer or None, got {type(nbytes).__name__}"
-        ) from None
-    if nbytes < 0:
-        raise ValueError(f"nbytes must be >= 0, got {nbytes}")
+    nbytes = check_nbytes(numba_cpu.DEFAULT_STREAM_MIN_BYTES if nbytes is None else nbytes)
     numba_cpu.stream_min_bytes(nbytes)
     if cython_cpu.is_available():
         cython_cpu.stream_min_bytes(nbytes)

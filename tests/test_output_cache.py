@@ -141,6 +141,8 @@ def test_limit_bad_values_raise_and_change_nothing():
         with pytest.raises(exc, match="nbytes"):
             fastbn.set_output_cache_limit(bad)
         assert fastbn.get_output_cache_limit() == 12345 << 10
+    fastbn.set_output_cache_limit(2**80)  # no limit
+    assert fastbn.get_output_cache_limit() == 2**63
     fastbn.set_output_cache_limit(None)
     assert fastbn.get_output_cache_limit() == _outputs.default_output_cache_limit() > 0
 
