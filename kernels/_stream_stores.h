@@ -73,28 +73,28 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
         STORE_BLOCK((OUT) + i, t_);                                                          \
     }
 /* The body, block by block (ONE(OUT, EXPR) computes and streams the block at i: the
- * FBN_STREAM_ONE_* below): a long body is walked as FBN_STREAMS parts of q blocks, a block
+ * FBN_STREAM_ONE_* below): a long body is walked as NS parts of q blocks, a block
  * of each in turn (fbn_stream_part of _simd.h), then the remaining blocks in order. c is the
  * channel of the block's first value, CC the channel count (NHWC runs; NCHW rows pass 1 and
  * their EXPR ignores c). */
-#define FBN_STREAM_BODY(OUT, EXPR, CC, ONE)                                                  \
+#define FBN_STREAM_BODY(OUT, EXPR, CC, ONE, NS)                                              \
     {                                                                                        \
-        ptrdiff_t q_ = fbn_stream_part(n - i, FBN_SBLOCK) / FBN_SBLOCK;                      \
+        ptrdiff_t q_ = fbn_stream_part_of(n - i, FBN_SBLOCK, NS) / FBN_SBLOCK;               \
         if (q_ > 0) {                                                                        \
-            ptrdiff_t i_[FBN_STREAMS], c_[FBN_STREAMS];                                      \
-            for (int s_ = 0; s_ < FBN_STREAMS; s_++) {                                       \
+            ptrdiff_t i_[NS], c_[NS];                                                        \
+            for (int s_ = 0; s_ < NS; s_++) {                                                \
                 i_[s_] = i + s_ * q_ * FBN_SBLOCK;                                           \
                 c_[s_] = (c + s_ * q_ * FBN_SBLOCK) % (CC);                                  \
             }                                                                                \
             for (ptrdiff_t k_ = 0; k_ < q_; k_++)                                            \
-                for (int s_ = 0; s_ < FBN_STREAMS; s_++) {                                   \
+                for (int s_ = 0; s_ < NS; s_++) {                                            \
                     ptrdiff_t i = i_[s_], c = c_[s_];                                        \
                     ONE(OUT, EXPR)                                                           \
                     i_[s_] = i + FBN_SBLOCK;                                                 \
                     c_[s_] = (c + FBN_SBLOCK) % (CC);                                        \
                 }                                                                            \
-            i += FBN_STREAMS * q_ * FBN_SBLOCK;                                              \
-            c = (c + FBN_STREAMS * q_ * FBN_SBLOCK) % (CC);                                  \
+            i += (NS) * q_ * FBN_SBLOCK;                                                     \
+            c = (c + (NS) * q_ * FBN_SBLOCK) % (CC);                                         \
         }                                                                                    \
         for (; i + FBN_SBLOCK <= n; i += FBN_SBLOCK) {                                       \
             ONE(OUT, EXPR)                                                                   \
@@ -123,16 +123,18 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
         for (int l = 0; l < FBN_SBLOCK / FBN_W; l += 2)                                      \
             fbn_streamf((OUT) + i + l * FBN_W, v_[l], v_[l + 1]);                            \
     }
-#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC)                                            \
-    FBN_STREAM_BODY(OUT, VEXPR, CC, FBN_STREAM_ONE_F32)
+#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC, NS)                                        \
+    FBN_STREAM_BODY(OUT, VEXPR, CC, FBN_STREAM_ONE_F32, NS)
 #else
 #define FBN_STREAM_ONE_F32(OUT, EXPR) FBN_STREAM_ONE(OUT, EXPR, FBN_STREAM_BLOCK_F32)
-#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC) FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_ONE_F32)
+#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC, NS)                                        \
+    FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_ONE_F32, NS)
 #endif
-#define FBN_STREAM_BODY_F64(OUT, EXPR, VEXPR, CC) FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_ONE_F64)
+#define FBN_STREAM_BODY_F64(OUT, EXPR, VEXPR, CC, NS)                                        \
+    FBN_STREAM_BODY(OUT, EXPR, CC, FBN_STREAM_ONE_F64, NS)
 #else
-#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC)
-#define FBN_STREAM_BODY_F64(OUT, EXPR, VEXPR, CC)
+#define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC, NS)
+#define FBN_STREAM_BODY_F64(OUT, EXPR, VEXPR, CC, NS)
 #endif
 
 /* y = x * sc + shift (float32, see fastbn_apply_f32) or (x - m) * sc + b (float64), scalar
@@ -145,14 +147,14 @@ static void fastbn_apply_nt_f32(const float* x, float* y, ptrdiff_t n, double m,
     fbn_vd vs = fbn_set1(sc), vc = fbn_set1(s);
 #endif
     for (; i < h; i++) y[i] = (float)((double)x[i] * sc + s);
-    FBN_STREAM_BODY_F32(y, (double)x[j] * sc + s, FBN_V_APPLY(x + j, vs, vc), 1)
+    FBN_STREAM_BODY_F32(y, (double)x[j] * sc + s, FBN_V_APPLY(x + j, vs, vc), 1, FBN_STREAMS)
     for (; i < n; i++) y[i] = (float)((double)x[i] * sc + s);
 }
 static void fastbn_apply_nt_f64(const double* x, double* y, ptrdiff_t n, double m, double sc,
                                 double b) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(double));
     for (; i < h; i++) y[i] = (x[i] - m) * sc + b;
-    FBN_STREAM_BODY_F64(y, (x[j] - m) * sc + b, , 1)
+    FBN_STREAM_BODY_F64(y, (x[j] - m) * sc + b, , 1, FBN_STREAMS)
     for (; i < n; i++) y[i] = (x[i] - m) * sc + b;
 }
 
@@ -165,14 +167,14 @@ static void fastbn_dx_nt_f32(const float* g, const float* x, float* d, ptrdiff_t
 #endif
     for (; i < h; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
     FBN_STREAM_BODY_F32(d, k * (((double)g[j] - a) - ((double)x[j] - m) * q),
-                        FBN_V_DX(g + j, x + j, vm, vk, va, vq), 1)
+                        FBN_V_DX(g + j, x + j, vm, vk, va, vq), 1, FBN_DX_STREAMS)
     for (; i < n; i++) d[i] = (float)(k * ((g[i] - a) - (x[i] - m) * q));
 }
 static void fastbn_dx_nt_f64(const double* g, const double* x, double* d, ptrdiff_t n,
                              double m, double k, double a, double q) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(d, n, sizeof(double));
     for (; i < h; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
-    FBN_STREAM_BODY_F64(d, k * ((g[j] - a) - (x[j] - m) * q), , 1)
+    FBN_STREAM_BODY_F64(d, k * ((g[j] - a) - (x[j] - m) * q), , 1, FBN_DX_STREAMS)
     for (; i < n; i++) d[i] = k * ((g[i] - a) - (x[i] - m) * q);
 }
 
@@ -275,7 +277,8 @@ static void fastbn_apply_cols_nt_f32(const float* x, float* y, ptrdiff_t n, ptrd
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(float));
     for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (float)((double)x[i] * sc[c] + s[c]);
     FBN_STREAM_BODY_F32(y, (double)x[j] * sc[c + l] + s[c + l],
-                        FBN_V_APPLY(x + j, fbn_loadd(sc + c + l), fbn_loadd(s + c + l)), C)
+                        FBN_V_APPLY(x + j, fbn_loadd(sc + c + l), fbn_loadd(s + c + l)), C,
+                        FBN_STREAMS)
     for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (float)((double)x[i] * sc[c] + s[c]);
 }
 /* y = (x - m[c]) * sc[c] + b[c] (float64) */
@@ -283,7 +286,7 @@ static void fastbn_apply_cols_nt_f64(const double* x, double* y, ptrdiff_t n, pt
                                      const double* m, const double* sc, const double* b) {
     ptrdiff_t i = 0, c = 0, h = FBN_HEAD(y, n, sizeof(double));
     for (; i < h; i++, FBN_NEXT(c, 1, C)) y[i] = (x[i] - m[c]) * sc[c] + b[c];
-    FBN_STREAM_BODY_F64(y, (x[j] - m[c + l]) * sc[c + l] + b[c + l], , C)
+    FBN_STREAM_BODY_F64(y, (x[j] - m[c + l]) * sc[c + l] + b[c + l], , C, FBN_STREAMS)
     for (; i < n; i++, FBN_NEXT(c, 1, C)) y[i] = (x[i] - m[c]) * sc[c] + b[c];
 }
 #define FBN_DEFINE_COLS_NT(SUFFIX, T, BODY)                                                  \
@@ -297,7 +300,7 @@ static void fastbn_apply_cols_nt_f64(const double* x, double* y, ptrdiff_t n, pt
         BODY(d, k[c + l] * (((double)g[j] - a[c + l]) - ((double)x[j] - m[c + l]) * q[c + l]), \
              FBN_V_DX(g + j, x + j, fbn_loadd(m + c + l), fbn_loadd(k + c + l),              \
                       fbn_loadd(a + c + l), fbn_loadd(q + c + l)),                           \
-             C)                                                                              \
+             C, FBN_DX_STREAMS)                                                              \
         for (; i < n; i++, FBN_NEXT(c, 1, C))                                                \
             d[i] = (T)(k[c] * (((double)g[i] - a[c]) - ((double)x[i] - m[c]) * q[c]));       \
     }

@@ -4,7 +4,7 @@
  * read of every byte (an OR of 8-byte words), and a write of dst = a or dst = a | b (bitwise)
  * with the stores fastbn's kernels use, streaming (whole 64-byte lines from the first
  * line-aligned address on, see _stream_stores.h) or ordinary. Long runs are walked as the
- * kernels walk them, FBN_STREAMS interleaved streams of FBN_TRAFFIC_PIECE bytes in turn
+ * kernels walk them, interleaved streams of FBN_TRAFFIC_PIECE bytes in turn
  * (_simd.h: one core of the project machine moves memory faster from four places at once):
  * a floor walked in one stream was slower than the kernels it bounds.
  */
@@ -63,17 +63,17 @@ static void fbn_traffic_move(unsigned char* dst, const unsigned char* a, const u
     for (; i < hi; i++) dst[i] = a[i] | b[i];
 }
 
-/* Bytes [h, n) of a run walked as streams: BODY(lo, hi) for each piece, FBN_STREAMS parts of
- * P bytes a piece of each in turn, then the rest in pieces, in order. */
-#define FBN_TRAFFIC_WALK(h, n, BODY)                                                         \
+/* Bytes [h, n) of a run walked as NS streams: BODY(lo, hi) for each piece, NS parts of P
+ * bytes a piece of each in turn, then the rest in pieces, in order. */
+#define FBN_TRAFFIC_WALK(h, n, NS, BODY)                                                     \
     {                                                                                        \
-        ptrdiff_t P_ = fbn_stream_part((n) - (h), FBN_TRAFFIC_PIECE), i_;                    \
+        ptrdiff_t P_ = fbn_stream_part_of((n) - (h), FBN_TRAFFIC_PIECE, NS), i_;             \
         for (ptrdiff_t k_ = 0; k_ < P_; k_ += FBN_TRAFFIC_PIECE)                             \
-            for (int s_ = 0; s_ < FBN_STREAMS; s_++) {                                       \
+            for (int s_ = 0; s_ < (NS); s_++) {                                              \
                 ptrdiff_t lo = (h) + s_ * P_ + k_, hi = lo + FBN_TRAFFIC_PIECE;              \
                 BODY                                                                         \
             }                                                                                \
-        for (i_ = (h) + FBN_STREAMS * P_; i_ < (n); i_ += FBN_TRAFFIC_PIECE) {               \
+        for (i_ = (h) + (NS) * P_; i_ < (n); i_ += FBN_TRAFFIC_PIECE) {                      \
             ptrdiff_t lo = i_, hi = i_ + FBN_TRAFFIC_PIECE < (n) ? i_ + FBN_TRAFFIC_PIECE : (n); \
             BODY                                                                             \
         }                                                                                    \
@@ -82,12 +82,13 @@ static void fbn_traffic_move(unsigned char* dst, const unsigned char* a, const u
 /* OR of every byte of p[0:n). */
 static uint64_t fastbn_traffic_read(const unsigned char* p, ptrdiff_t n) {
     uint64_t acc = 0;
-    FBN_TRAFFIC_WALK(0, n, { acc |= fbn_traffic_or(p, lo, hi); })
+    FBN_TRAFFIC_WALK(0, n, FBN_STREAMS, { acc |= fbn_traffic_or(p, lo, hi); })
     return acc;
 }
 
 /* dst = a, or a | b when b is not NULL, over n bytes; with `stream`, the whole 64-byte lines
- * of dst are written with streaming stores (the caller fences, fastbn_sfence). */
+ * of dst are written with streaming stores (the caller fences, fastbn_sfence). Two inputs
+ * are walked as dx is, in FBN_DX_STREAMS streams. */
 static void fastbn_traffic_write(unsigned char* dst, const unsigned char* a,
                                  const unsigned char* b, ptrdiff_t n, int stream) {
     ptrdiff_t h = 0, e = n;
@@ -99,7 +100,8 @@ static void fastbn_traffic_write(unsigned char* dst, const unsigned char* a,
     }
 #endif
     fbn_traffic_move(dst, a, b, 0, h, 0);
-    FBN_TRAFFIC_WALK(h, e, { fbn_traffic_move(dst, a, b, lo, hi, stream); })
+    FBN_TRAFFIC_WALK(h, e, b != NULL ? FBN_DX_STREAMS : FBN_STREAMS,
+                     { fbn_traffic_move(dst, a, b, lo, hi, stream); })
     fbn_traffic_move(dst, a, b, e, n, 0);
 }
 

@@ -26,6 +26,7 @@ from ._numba_stream import (
 from .numba_cpu import (
     _FASTMATH,
     CHUNK,
+    DX_STREAM_PARTS,
     GROUP_CACHE,
     GROUP_MAX,
     GROUP_TILE,
@@ -316,10 +317,10 @@ def line_head(out, n):
 
 
 @inline
-def stream_part(n):
-    """Blocks per part when a body of n values is written as STREAM_PARTS interleaved parts
-    (block t of the walk is block t // STREAM_PARTS of part t % STREAM_PARTS); 0: in order."""
-    q = n // (STREAM_PARTS * BLOCK)
+def stream_part(n, parts):
+    """Blocks per part when a body of n values is written as `parts` interleaved parts
+    (block t of the walk is block t // parts of part t % parts); 0: in order."""
+    q = n // (parts * BLOCK)
     return q if q * BLOCK >= STREAM_PART_MIN else 0
 
 
@@ -333,7 +334,7 @@ def stream_normalize(xf, yf, m, sc, b, n_ch):
         yf[i] = apply(xf[i], at(m, c), at(sc, c), at(b, c))
         c = c + 1 if c + 1 < n_ch else 0
     i = h
-    q = stream_part(n - i)
+    q = stream_part(n - i, STREAM_PARTS)
     for t in range(q * STREAM_PARTS):
         p = (t % STREAM_PARTS) * q + t // STREAM_PARTS
         stream_apply(xf, yf, i + p * BLOCK, m, sc, b, (c + p * BLOCK) % n_ch)
@@ -358,12 +359,12 @@ def stream_grad(gf, xf, df, m, k, a, q, n_ch):
         df[i] = at(k, c) * (gf[i] - at(a, c) - (xf[i] - at(m, c)) * at(q, c))
         c = c + 1 if c + 1 < n_ch else 0
     i = h
-    nb = stream_part(n - i)
-    for t in range(nb * STREAM_PARTS):
-        p = (t % STREAM_PARTS) * nb + t // STREAM_PARTS
+    nb = stream_part(n - i, DX_STREAM_PARTS)
+    for t in range(nb * DX_STREAM_PARTS):
+        p = (t % DX_STREAM_PARTS) * nb + t // DX_STREAM_PARTS
         stream_dx(gf, xf, df, i + p * BLOCK, m, k, a, q, (c + p * BLOCK) % n_ch)
-    i += nb * STREAM_PARTS * BLOCK
-    c = (c + nb * STREAM_PARTS * BLOCK) % n_ch
+    i += nb * DX_STREAM_PARTS * BLOCK
+    c = (c + nb * DX_STREAM_PARTS * BLOCK) % n_ch
     while i + BLOCK <= n:
         stream_dx(gf, xf, df, i, m, k, a, q, c)
         i += BLOCK

@@ -78,6 +78,9 @@ STREAM_BLOCK = 64
 #: the Cython kernels: one core streams faster to and from four places at once).
 STREAM_PARTS = 4
 STREAM_PART_MIN = 1024
+#: ``dx`` reads two arrays: its streamed runs are written as DX_STREAM_PARTS parts, four read
+#: streams as a normalize's (FBN_DX_STREAMS of the Cython kernels).
+DX_STREAM_PARTS = 2
 
 # Reassociation lets LLVM vectorize the float64 accumulations of the row-reduction
 # primitives (only those are compiled with it, see _numba_kernels); it is decided at compile
