@@ -68,10 +68,8 @@ def set_output_cache_limit(nbytes: int | None) -> None:
 
     Raises
     ------
-    TypeError
-        If `nbytes` is not an integer (or None).
-    ValueError
-        If `nbytes` is negative.
+    TypeError, ValueError
+        If `nbytes` is not an integer (or None), or is negative.
     """
     nbytes = check_nbytes(default_output_cache_limit() if nbytes is None else nbytes)
     if _cache is not None:

@@ -9,6 +9,7 @@ import re
 import sys
 import time
 import types
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -584,28 +585,38 @@ def test_command_line_reproduces_the_configuration(tmp_path: Path) -> None:
     assert bench.parse_args(bench.command_line(warm).split()[1:]).warm
 
 
+TINY_INFER = [*TINY, "--op", "infer", "--backend", "numpy", "--no-progress"]
+
+
+def run_watching(monkeypatch: Any, read: Callable[[], int], flag: str, given: str):
+    """A tiny run with `flag given`: (its report, what `read()` gave while timing)."""
+    seen: list[int] = []
+    real = bench.time_entries
+
+    def spy(*args: Any, **kwargs: Any) -> None:
+        seen.append(read())
+        real(*args, **kwargs)
+
+    monkeypatch.setattr(bench.timing, "time_entries", spy)
+    report = bench.run(bench.parse_args([*TINY_INFER, flag, given]))
+    assert any(flag in note for note in report["notes"])
+    command = bench.command_line(report).split()
+    assert command[command.index(flag) + 1] == given
+    return report, seen
+
+
 @pytest.mark.parametrize(("given", "value"), [("off", bench.STREAM_OFF), ("4096", 4096)])
 def test_stream_threshold_is_set_for_the_run_and_restored(
     given: str, value: int, monkeypatch: Any
 ) -> None:
     default = fastbn.get_stream_threshold()
-    seen: list[int] = []
-    real = bench.time_entries
-
-    def spy(*args: Any, **kwargs: Any) -> None:
-        seen.append(fastbn.get_stream_threshold())
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(bench.timing, "time_entries", spy)
-    argv = [*TINY, "--op", "infer", "--backend", "numpy", "--no-progress"]
-    report = bench.run(bench.parse_args([*argv, "--stream-threshold", given]))
+    report, seen = run_watching(
+        monkeypatch, fastbn.get_stream_threshold, "--stream-threshold", given
+    )
     assert seen and set(seen) == {value}
     assert fastbn.get_stream_threshold() == default
     assert report["config"]["stream_threshold"] == value
-    assert any("--stream-threshold" in note for note in report["notes"])
-    command = bench.command_line(report).split()
-    assert command[command.index("--stream-threshold") + 1] == given
-    assert bench.parse_args(command[1:]).stream_threshold == value
+    assert bench.parse_args(bench.command_line(report).split()[1:]).stream_threshold == value
 
 
 def test_output_cache_limit_is_set_for_the_run_then_restored_and_emptied(
@@ -613,27 +624,15 @@ def test_output_cache_limit_is_set_for_the_run_then_restored_and_emptied(
 ) -> None:
     fastbn.set_output_cache_limit(None)
     default = fastbn.get_output_cache_limit()
-    seen: list[int] = []
-    real = bench.time_entries
-
-    def spy(*args: Any, **kwargs: Any) -> None:
-        seen.append(fastbn.get_output_cache_limit())
-        real(*args, **kwargs)
-
-    monkeypatch.setattr(bench.timing, "time_entries", spy)
-    argv = [*TINY, "--op", "infer", "--backend", "numpy", "--no-progress"]
-    report = bench.run(bench.parse_args([*argv, "--output-cache", "0"]))
+    report, seen = run_watching(monkeypatch, fastbn.get_output_cache_limit, "--output-cache", "0")
     assert seen and set(seen) == {0}
     assert fastbn.get_output_cache_limit() == default
     assert fastbn.output_cache_info()["held"] == 0
     assert report["config"]["output_cache"] == 0
-    assert any("--output-cache" in note for note in report["notes"])
-    command = bench.command_line(report).split()
-    assert command[command.index("--output-cache") + 1] == "0"
-    assert bench.parse_args(command[1:]).output_cache == 0
-    assert bench.parse_args(argv).output_cache is None
+    assert bench.parse_args(bench.command_line(report).split()[1:]).output_cache == 0
+    assert bench.parse_args(TINY_INFER).output_cache is None
     with pytest.raises(SystemExit):
-        bench.parse_args([*argv, "--output-cache", "-1"])
+        bench.parse_args([*TINY_INFER, "--output-cache", "-1"])
 
 
 #: Medians (ms) of the synthetic report at 1 thread, NCHW; NHWC takes twice as long and
