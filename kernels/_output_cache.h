@@ -136,19 +136,6 @@ static void fbn_set_limit(fbn_cache *c, size_t limit) {
     fbn_free_all(evicted, n);
 }
 
-/* Free every kept buffer. */
-static void fbn_clear(fbn_cache *c) {
-    void *evicted[FBN_CACHE_SLOTS];
-    int n = 0;
-    pthread_mutex_lock(&c->lock);
-    while (c->count > 0) {
-        evicted[n++] = c->slots[0].ptr;
-        fbn_remove_slot(c, 0);
-    }
-    pthread_mutex_unlock(&c->lock);
-    fbn_free_all(evicted, n);
-}
-
 static PyDataMem_Handler fbn_handler = {
     "fastbn_output_cache",
     1,

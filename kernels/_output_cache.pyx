@@ -24,7 +24,6 @@ cdef extern from "_output_cache.h" nogil:
         uint64_t misses
     fbn_cache fbn_the_cache
     void fbn_set_limit(fbn_cache *c, size_t limit)
-    void fbn_clear(fbn_cache *c)
     cnp.PyDataMem_Handler fbn_handler
 
 
@@ -56,8 +55,10 @@ def get_limit():
 
 
 def clear():
-    """Free every kept buffer."""
-    fbn_clear(&fbn_the_cache)
+    """Free every kept buffer (the limit stays)."""
+    cdef size_t limit = fbn_the_cache.limit
+    fbn_set_limit(&fbn_the_cache, 0)
+    fbn_set_limit(&fbn_the_cache, limit)
 
 
 def stats():
