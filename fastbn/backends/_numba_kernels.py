@@ -14,6 +14,7 @@ from numba import njit, prange
 from ._numba_stream import (
     BLOCK,
     LINE,
+    apart,
     apply,
     at,
     fence,
@@ -22,6 +23,7 @@ from ._numba_stream import (
     span,
     stream_apply,
     stream_dx,
+    wrap,
 )
 from .numba_cpu import (
     _FASTMATH,
@@ -658,6 +660,7 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
     Groups of short rows take two passes instead (numba_cpu._nchw_train_forward)."""
     n_rows, n_ch, s = x.shape
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
+    stream = stream and apart(y, x)
     for u in prange(n_ch):
         c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, 1, rows, blocks, piece, pieces)
         c1 = c0 + gl
@@ -683,6 +686,7 @@ def nchw_normalize(x, mean, scale, bias, y, stream):
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
     mt, bt = output_constants(x, mean, scale, bias)
+    stream = stream and apart(y, x)
     for u in prange(n_rows * ng):
         n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
         block_normalize(
@@ -724,6 +728,7 @@ def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy
     n_rows, n_ch, s = x.shape
     count = float(n_rows * s)
     g = nchw_group(n_rows, n_ch, s)
+    stream = stream and apart(dx, dy) and apart(dx, x)
     for u in prange((n_ch + g - 1) // g):
         c0 = u * g
         gl = min(n_ch - c0, g)
@@ -760,6 +765,7 @@ def nchw_dx(dy, x, mean, k, shift, proj, dx, stream):
     n_rows, n_ch, s = x.shape
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
+    stream = stream and apart(dx, dy) and apart(dx, x)
     for u in prange(n_rows * ng):
         n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
         block_dx(
@@ -893,6 +899,30 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
 
 
 @serial
+def scale_constants(var, eps, weight, invstd):
+    """invstd = 1/sqrt(var + eps); returns the scale weight * invstd (the constants of an
+    unfused training forward's normalize, one call instead of four NumPy operations)."""
+    scale = np.empty(var.shape[0])
+    for c in range(var.shape[0]):
+        invstd[c] = 1.0 / math.sqrt(var[c] + eps)
+        scale[c] = weight[c] * invstd[c]
+    return scale
+
+
+@serial
+def dx_constants(invstd, weight, sum_dy, sum_dy_xmu, count):
+    """(k, shift, proj) of ``dx = k * (dy - shift - (x - mean) * proj)`` from the sums."""
+    n = invstd.shape[0]
+    k, shift, proj = np.empty(n), np.empty(n), np.empty(n)
+    for c in range(n):
+        inv = invstd[c]
+        k[c] = weight[c] * inv
+        shift[c] = sum_dy[c] / count
+        proj[c] = inv * inv * sum_dy_xmu[c] / count
+    return k, shift, proj
+
+
+@serial
 def nhwc_merge(counts, means, m2s, mean, var):
     mean[:] = 0.0
     var[:] = 0.0
@@ -912,13 +942,16 @@ def nhwc_merge(counts, means, m2s, mean, var):
 
 @parallel
 def nhwc_normalize(x, mean, scale, bias, y, stream):
-    """y = (x - mean) * scale + bias (float32: ``output_constants``); with stream, wrapped
-    tables (see stream_normalize)."""
+    """y = (x - mean) * scale + bias (float32: ``output_constants``); streamed runs read
+    wrapped tables (see stream_normalize)."""
     n_rows, n_ch = x.shape
     rows = max(1, NHWC_CHUNK // n_ch)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
+    stream = stream and apart(y, x)
+    extra = BLOCK if stream else 0
     mt, bt = output_constants(x, mean, scale, bias)
+    mt, sct, bt = wrap(mt, extra), wrap(scale, extra), wrap(bt, extra)
     nk = (n_rows + rows - 1) // rows
     for k in prange(nk):
         # Last chunk first, each thread's in reverse: the rows that the statistics (or the
@@ -927,11 +960,11 @@ def nhwc_normalize(x, mean, scale, bias, y, stream):
         r1 = min(n_rows, r0 + rows)
         if stream:
             stream_normalize(
-                xf[r0 * n_ch : r1 * n_ch], yf[r0 * n_ch : r1 * n_ch], mt, scale, bt, n_ch
+                xf[r0 * n_ch : r1 * n_ch], yf[r0 * n_ch : r1 * n_ch], mt, sct, bt, n_ch
             )
             fence()
         else:
-            cols_normalize(x[r0:r1], mt, scale, bt, y[r0:r1])
+            cols_normalize(x[r0:r1], mt, sct, bt, y[r0:r1])
 
 
 @parallel
@@ -961,9 +994,12 @@ def add_rows(parts, out):
 
 @parallel
 def nhwc_dx(dy, x, mean, k, shift, proj, dx, stream):
-    """dx per channel; with stream, wrapped tables (see stream_grad)."""
+    """dx per channel; streamed runs read wrapped tables (see stream_grad)."""
     n_rows, n_ch = x.shape
     rows = max(1, NHWC_CHUNK // n_ch)
+    stream = stream and apart(dx, dy) and apart(dx, x)
+    extra = BLOCK if stream else 0
+    mt, kt, st, pt = wrap(mean, extra), wrap(k, extra), wrap(shift, extra), wrap(proj, extra)
     gf = dy.reshape(-1)
     xf = x.reshape(-1)
     df = dx.reshape(-1)
@@ -974,7 +1010,7 @@ def nhwc_dx(dy, x, mean, k, shift, proj, dx, stream):
         if stream:
             a = r0 * n_ch
             e = r1 * n_ch
-            stream_grad(gf[a:e], xf[a:e], df[a:e], mean, k, shift, proj, n_ch)
+            stream_grad(gf[a:e], xf[a:e], df[a:e], mt, kt, st, pt, n_ch)
             fence()
         else:
-            cols_dx(dy[r0:r1], x[r0:r1], mean, k, shift, proj, dx[r0:r1])
+            cols_dx(dy[r0:r1], x[r0:r1], mt, kt, st, pt, dx[r0:r1])

@@ -246,6 +246,39 @@ def _output_constants(x, m, sc, b):
     return lambda x, m, sc, b: (m, b)
 
 
+def wrap(t, extra):
+    """A new table ``w[j] = t[j % n]`` for ``j < n + extra`` (``n = len(t)``); None for None.
+    A streamed NHWC run reads its constants from any channel on, ``BLOCK`` values at a time
+    (jitted code only)."""
+    raise NotImplementedError("wrap() is only for jitted code")
+
+
+@overload(wrap, inline="always")
+def _wrap(t, extra):
+    if isinstance(t, types.NoneType):
+        return lambda t, extra: None
+
+    def wrapped(t, extra):
+        n = t.shape[0]
+        w = np.empty(n + extra)
+        for j in range(n + extra):
+            w[j] = t[j % n]
+        return w
+
+    return wrapped
+
+
+def apart(out, a):
+    """Whether ``out`` and ``a`` start at different addresses: an output written in place
+    (``out`` is the input) is never streamed (jitted code only)."""
+    raise NotImplementedError("apart() is only for jitted code")
+
+
+@overload(apart, inline="always")
+def _apart(out, a):
+    return lambda out, a: out.ctypes.data != a.ctypes.data
+
+
 def span(t, a, b):
     """``t[a:b]``, None for None (jitted code only)."""
     raise NotImplementedError("span() is only for jitted code")

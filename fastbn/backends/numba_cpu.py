@@ -178,18 +178,10 @@ def stream_min_bytes(n: int | None = None) -> int:
     return old
 
 
-def _stream(out: np.ndarray, inputs: tuple[np.ndarray, ...], run: int) -> bool:
-    """Whether `out`, written in contiguous runs of `run` values, gets streaming stores."""
-    if out.nbytes < _stream_min_bytes or run < STREAM_MIN_RUN:
-        return False
-    at = out.__array_interface__["data"][0]
-    return all(a.__array_interface__["data"][0] != at for a in inputs)
-
-
-def _wrapped(v: np.ndarray) -> np.ndarray:
-    """The table v[j % C] for j < C + STREAM_BLOCK (a streamed block reads its constants
-    from its first channel on)."""
-    return np.resize(v, v.shape[0] + STREAM_BLOCK)
+def _stream(out: np.ndarray, run: int) -> bool:
+    """Whether `out`, written in contiguous runs of `run` values, is large enough for
+    streaming stores (the kernels also check that it is not written in place)."""
+    return out.nbytes >= _stream_min_bytes and run >= STREAM_MIN_RUN
 
 
 def _cache_enabled() -> bool:
@@ -269,46 +261,39 @@ def _nhwc_rows(n_ch: int) -> int:
     return max(1, NHWC_CHUNK // n_ch)
 
 
+def _run_length(x: np.ndarray) -> int:
+    """Values an output is written in at a time: an NCHW row, or an NHWC chunk of rows."""
+    return x.shape[2] if x.ndim == 3 else _nhwc_rows(x.shape[1]) * x.shape[1]
+
+
 def _per_channel_path(x: np.ndarray) -> bool:
     return x.shape[1] >= MIN_CHANNELS_PER_CHANNEL_PATH or x.shape[0] * x.shape[2] <= CHUNK
-
-
-def _streamed(out, inputs, x, tables):
-    """(stream, tables): the store rule for `out`, with the per-channel tables wrapped when an
-    NHWC output is streamed (a streamed run of whole rows reads them from any channel on)."""
-    if x.ndim == 3:
-        return _stream(out, inputs, x.shape[2]), tables
-    stream = _stream(out, inputs, _nhwc_rows(x.shape[1]) * x.shape[1])
-    return stream, tuple(_wrapped(t) for t in tables) if stream else tables
 
 
 def _run_normalize(x, mean, scale, bias, y, nthreads):
     """y = (x - mean) * scale + bias (float32: ``x * scale + shift``, see the kernels'
     ``output_constants``), streamed by the store rule."""
     kernel = _compiled()["nchw_normalize" if x.ndim == 3 else "nhwc_normalize"]
-    stream, tables = _streamed(y, (x,), x, (mean, scale, bias))
-    _run(kernel, nthreads, x, *tables, y, stream)
+    _run(kernel, nthreads, x, mean, scale, bias, y, _stream(y, _run_length(x)))
 
 
 def _run_dx(dy, x, mean, k, shift, proj, dx, nthreads):
     """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed by the store rule."""
     kernel = _compiled()["nchw_dx" if x.ndim == 3 else "nhwc_dx"]
-    stream, (mean, k, shift, proj) = _streamed(dx, (dy, x), x, (mean, k, shift, proj))
-    _run(kernel, nthreads, dy, x, mean, k, shift, proj, dx, stream)
+    _run(kernel, nthreads, dy, x, mean, k, shift, proj, dx, _stream(dx, _run_length(x)))
 
 
 def _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads):
     """Second half of an unfused training forward: invstd from var, then normalize."""
-    np.divide(1.0, np.sqrt(var + eps), out=invstd)
-    _run_normalize(x, mean, weight * invstd, bias, y, nthreads)
+    scale = _compiled()["scale_constants"](var, float(eps), weight, invstd)
+    _run_normalize(x, mean, scale, bias, y, nthreads)
 
 
 def _dx_with(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nthreads):
     """Second half of an unfused backward: dx from the two per-channel sums."""
-    count = x.size // x.shape[1]
-    shift = sum_dy / count
-    proj = invstd * invstd * sum_dy_xmu / count
-    _run_dx(dy, x, mean, weight * invstd, shift, proj, dx, nthreads)
+    count = float(x.size // x.shape[1])
+    k, shift, proj = _compiled()["dx_constants"](invstd, weight, sum_dy, sum_dy_xmu, count)
+    _run_dx(dy, x, mean, k, shift, proj, dx, nthreads)
 
 
 # -------------------------------------------------------------------- nchw kernels
@@ -351,7 +336,7 @@ def _nchw_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
             mean,
             var,
             invstd,
-            _stream(y, (x,), x.shape[2]),
+            _stream(y, x.shape[2]),
         )
         return
     _nchw_stats(x, mean, var, nthreads)
@@ -384,7 +369,7 @@ def _nchw_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nt
             dx,
             sum_dy,
             sum_dy_xmu,
-            _stream(dx, (dy, x), x.shape[2]),
+            _stream(dx, x.shape[2]),
         )
         return
     _nchw_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads)
