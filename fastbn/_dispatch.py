@@ -22,6 +22,7 @@ from .backends import BACKENDS, choose_backend, usable_backend
 
 LAYOUTS = ("NCHW", "NHWC")
 FLOAT_DTYPES = (np.dtype(np.float32), np.dtype(np.float64))
+_F64 = FLOAT_DTYPES[1]
 
 
 # ------------------------------------------------------------------ array operations
@@ -150,7 +151,8 @@ def channel_axis(ndim: int, layout: str) -> int:
 
 def check_input(x: Any, layout: str, name: str = "x", ops: Any = HOST) -> np.ndarray:
     """Validate a data array: float32/float64, ndim >= 2, not empty."""
-    x = ops.asarray(x, name)
+    if type(x) is not np.ndarray:
+        x = ops.asarray(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
     if x.ndim < 2:
@@ -165,7 +167,8 @@ def check_input(x: Any, layout: str, name: str = "x", ops: Any = HOST) -> np.nda
 
 def check_vector(v: Any, channels: int, name: str, ops: Any = HOST) -> np.ndarray:
     """Validate a per-channel array of shape (C,) and floating dtype."""
-    v = ops.asarray(v, name)
+    if type(v) is not np.ndarray:
+        v = ops.asarray(v, name)
     if v.dtype.kind != "f":  # the floating dtypes (np.issubdtype costs microseconds)
         raise TypeError(f"{name} must have a floating dtype, got {v.dtype}")
     if tuple(v.shape) != (channels,):
@@ -174,9 +177,13 @@ def check_vector(v: Any, channels: int, name: str, ops: Any = HOST) -> np.ndarra
 
 
 def vector_or(v: Any, channels: int, name: str, fill: float, ops: Any = HOST) -> np.ndarray:
-    """A float64 (C,) copy of `v`, or `fill` everywhere when `v` is None."""
+    """`v` as a contiguous float64 (C,) array (copied if it is not one), or `fill`
+    everywhere when `v` is None."""
     if v is None:
         return ops.full(channels, fill)
+    if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (channels,):
+        if v.flags.c_contiguous:
+            return v
     return ops.f64(check_vector(v, channels, name, ops))
 
 
@@ -334,7 +341,7 @@ def prepare(
 ) -> Call:
     """Validate `x`, `layout`, `out` and `backend`; return the call's plan."""
     layout = check_layout(layout)
-    ops = ops_for(x, backend)
+    ops = HOST if type(x) is np.ndarray else ops_for(x, backend)
     x = check_input(x, layout, name, ops)
     if out is not None:
         out = check_out(out, x, (x, *aliases), ops)
