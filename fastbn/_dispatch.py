@@ -151,7 +151,7 @@ def channel_axis(ndim: int, layout: str) -> int:
 
 def check_input(x: Any, layout: str, name: str = "x", ops: Any = HOST) -> np.ndarray:
     """Validate a data array: float32/float64, ndim >= 2, not empty."""
-    if type(x) is not np.ndarray:
+    if ops is not HOST or type(x) is not np.ndarray:
         x = ops.asarray(x, name)
     if x.dtype not in FLOAT_DTYPES:
         raise TypeError(f"{name} must have dtype float32 or float64, got {x.dtype}")
@@ -167,7 +167,7 @@ def check_input(x: Any, layout: str, name: str = "x", ops: Any = HOST) -> np.nda
 
 def check_vector(v: Any, channels: int, name: str, ops: Any = HOST) -> np.ndarray:
     """Validate a per-channel array of shape (C,) and floating dtype."""
-    if type(v) is not np.ndarray:
+    if ops is not HOST or type(v) is not np.ndarray:
         v = ops.asarray(v, name)
     if v.dtype.kind != "f":  # the floating dtypes (np.issubdtype costs microseconds)
         raise TypeError(f"{name} must have a floating dtype, got {v.dtype}")
@@ -181,7 +181,7 @@ def vector_or(v: Any, channels: int, name: str, fill: float, ops: Any = HOST) ->
     everywhere when `v` is None."""
     if v is None:
         return ops.full(channels, fill)
-    if type(v) is np.ndarray and v.dtype is _F64 and v.shape == (channels,):
+    if ops is HOST and type(v) is np.ndarray and v.dtype is _F64 and v.shape == (channels,):
         if v.flags.c_contiguous:
             return v
     return ops.f64(check_vector(v, channels, name, ops))
