@@ -795,6 +795,66 @@ def test_from_json_renders_the_readme_tables(
     assert "copy bandwidth" in capsys.readouterr().out  # the console tables too
 
 
+def test_targets_check_each_backend_against_its_goal(
+    tmp_path: Path, monkeypatch: Any, capsys: Any
+) -> None:
+    """--targets: each fastbn backend's value per case, met or not, and the floor's bound
+    (the peer's time over the ``out`` floor), for the rows with the most threads."""
+    impls = ["cython", "numba", "numpy", "torch", "onnxruntime"]
+    report = _synthetic_report(impls, ["fresh", "out"], [1, 2], floor=True)
+    slow = next(
+        r
+        for r in report["results"]
+        if (r["impl"], r["mode"], r["layout"], r["threads"]) == ("numba", "out", "NHWC", 2)
+    )
+    slow["median_s"] = 10e-3  # ORT out= takes 5 ms there: 0.5x
+    monkeypatch.setattr(bench, "run", lambda *a, **k: pytest.fail("--from-json measured"))
+    src, out_md = tmp_path / "in.json", tmp_path / "out.md"
+    bench.write_json(report, str(src))
+    argv = ["--from-json", str(src), "--targets", "--markdown", str(out_md)]
+    assert bench.main(argv) == 0
+    text = out_md.read_text()
+    assert text.startswith(bench.markdown(report))  # the targets follow the tables
+    section = text.split("**infer out= vs ONNX Runtime out=**: met on cython 2 of 2, numba 1 of 2")
+    assert len(section) == 2, text
+    assert _tables(section[1]) == [
+        [
+            ["shape", "layout", "goal", "cython", "numba", "bound (peer / floor)"],
+            ["---"] * 6,
+            ["8x4x5x5", "NCHW", "1.00x", "2.50x met", "2.00x met", "10.00x"],
+            ["8x4x5x5", "NHWC", "1.00x", "2.50x met", "0.50x", "10.00x"],
+        ]
+    ]
+    assert "train" not in section[1]  # targets without rows in the report are left out
+    assert "met on cython 2 of 2, numba 1 of 2" in capsys.readouterr().out
+    # fastbn's fresh outputs come from its output cache: the bound of a fresh target is the
+    # out floor, unless the run turned the cache off.
+    for row in report["results"] + report["floor"]:
+        row["op"] = "fwdbwd"
+    (fwdbwd,) = bench.targets.evaluate(report)
+    assert fwdbwd["rows"][0]["values"]["cython"] == pytest.approx(3.0 / 2.0)  # torch fresh
+    assert fwdbwd["rows"][0]["bound"] == pytest.approx(3.0 / 0.25)
+    report["config"]["output_cache"] = 0
+    (fwdbwd,) = bench.targets.evaluate(report)
+    assert fwdbwd["rows"][0]["bound"] == pytest.approx(3.0 / 0.5)
+
+
+def test_target_goals_follow_issue_4() -> None:
+    goals = {t.title.split(" vs ")[0].split(",")[0]: t.goal for t in bench.targets.TARGETS}
+    big, small, flat = (64, 256, 56, 56), (128, 512, 7, 7), (4096, 1024)
+    assert goals["train NCHW"](big, "NCHW") == 5.0
+    assert goals["train NCHW"](small, "NCHW") == 4.0
+    assert goals["train NCHW"](small, "NHWC") is None
+    assert goals["train NHWC"](big, "NHWC") == 1.5
+    assert goals["train NHWC"](flat, "NCHW") == 1.2  # BatchNorm1d counts as NHWC
+    assert goals["train NHWC"](small, "NCHW") is None
+    assert goals["train out="](small, "NCHW") == 1.2
+    assert goals["train out="](flat, "NCHW") == 0.9
+    assert goals["infer out="](big, "NHWC") == 1.1
+    assert goals["infer out="]((1, 64, 56, 56), "NCHW") == 1.0
+    assert goals["forward + backward"](small, "NHWC") == 3.0
+
+
 def test_floor_ratios_and_columns(tmp_path: Path, monkeypatch: Any, capsys: Any) -> None:
     impls = ["cython", "numpy", "torch", "onnxruntime"]
     report = _synthetic_report(impls, ["fresh", "out"], [2], floor=True)

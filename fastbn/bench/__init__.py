@@ -189,6 +189,7 @@ from .report import (
     write_markdown,
     write_plot,
 )
+from .targets import markdown as targets_markdown
 from .timing import (
     COPY,
     FLOOR,
@@ -284,10 +285,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not out.is_terminal:
         out = Console(width=200)  # files and pipes: do not wrap the tables at 80 columns
     render(report, out)
+    checked = targets_markdown(report) if config.targets else ""
+    if checked:
+        from rich.markdown import Markdown
+
+        out.print(Markdown(checked))
     if config.json_path:
         write_json(report, config.json_path)
     if config.plot_path:
         write_plot(report, config.plot_path)
     if config.markdown_path:
-        write_markdown(report, config.markdown_path)
+        write_markdown(report, config.markdown_path, extra=checked)
     return 0

@@ -137,6 +137,8 @@ class Config:
         Output files.
     from_json : str or None
         A report written by ``--json`` to output again instead of measuring.
+    targets : bool
+        Also check the report against the project's speed targets (``targets.py``).
     memory, cold_start, progress : bool
         Extra measurements and the progress bar.
     copy_mib : int
@@ -164,6 +166,7 @@ class Config:
     plot_path: str | None = None
     markdown_path: str | None = None
     from_json: str | None = None
+    targets: bool = False
     memory: bool = False
     cold_start: bool = False
     progress: bool = True
@@ -302,6 +305,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--markdown, --plot, --json from it); the options of the measurement are ignored",
     )
     parser.add_argument(
+        "--targets",
+        action="store_true",
+        help="also check the report against the project's speed targets (issue 4): a "
+        "table per target, each fastbn backend's value, met or not, and the bound the "
+        "run's floor puts on any implementation (printed, and added to --markdown)",
+    )
+    parser.add_argument(
         "--memory",
         action="store_true",
         help="also report peak extra memory per call (tracemalloc; NumPy allocations "
@@ -438,6 +448,7 @@ def parse_args(argv: Sequence[str] | None = None) -> Config:
         plot_path=ns.plot_path,
         markdown_path=ns.markdown_path,
         from_json=ns.from_json,
+        targets=ns.targets,
         memory=ns.memory,
         cold_start=ns.cold_start,
         progress=ns.progress,

@@ -576,7 +576,7 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(out) + "\n"
 
 
-def write_markdown(report: dict[str, Any], path: str) -> None:
+def write_markdown(report: dict[str, Any], path: str, extra: str = "") -> None:
     """Write :func:`markdown` of the report to `path`.
 
     Parameters
@@ -585,6 +585,8 @@ def write_markdown(report: dict[str, Any], path: str) -> None:
         The report from :func:`run` (or :func:`read_json`).
     path : str
         The Markdown file to write.
+    extra : str
+        Markdown appended after the tables (the targets of ``--targets``).
     """
     with open(path, "w", encoding="utf-8") as f:
-        f.write(markdown(report))
+        f.write(markdown(report) + extra)
