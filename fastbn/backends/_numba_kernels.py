@@ -33,7 +33,6 @@ from .numba_cpu import (
     GROUP_MAX,
     GROUP_TILE,
     GROUP_VALUES,
-    MAX_STRIPES,
     NHWC_CHUNK,
     NHWC_ROW_MIN_C,
     STREAM_PART_MIN,
@@ -835,13 +834,6 @@ def row_parts(n_ch, rows, r0, r1):
     return (r1 - r0) // (STREAM_PARTS * rows) * rows
 
 
-@inline
-def stripe_rows(p, stripes, nchunks, rows, n_rows):
-    """Rows [start, stop) of stripe p: whole chunks of `rows` rows, split as evenly as
-    possible."""
-    return p * nchunks // stripes * rows, min(n_rows, (p + 1) * nchunks // stripes * rows)
-
-
 @parallel
 def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
     """Stripe p folds its row chunks into counts[p], means[p, :], m2s[p, :].
@@ -865,7 +857,8 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
         sd = np.empty(n_ch)
         sq = np.empty(n_ch)
         cnt = 0.0
-        start, stop = stripe_rows(p, stripes, nchunks, rows, n_rows)
+        start = p * nchunks // stripes * rows
+        stop = min(n_rows, (p + 1) * nchunks // stripes * rows)
         part = row_parts(n_ch, rows, start, stop)
         ra = start
         while ra < stop:
@@ -960,12 +953,11 @@ def nhwc_normalize(x, mean, scale, bias, y, stream):
     mt, bt = output_constants(x, mean, scale, bias)
     mt, sct, bt = wrap(mt, extra), wrap(scale, extra), wrap(bt, extra)
     nk = (n_rows + rows - 1) // rows
-    stripes = min(MAX_STRIPES, nk)
-    for k in prange(stripes):
-        # A stripe of the statistics per work unit, one run, the last stripe first and each
-        # thread's in reverse: the rows that the statistics (or the backward's sums) read
-        # last are still in cache. Elementwise: same bits.
-        r0, r1 = stripe_rows(stripes - 1 - k, stripes, nk, rows, n_rows)
+    for k in prange(nk):
+        # Last chunk first, each thread's in reverse: the rows that the statistics (or the
+        # backward's sums) read last are still in cache. Elementwise: same bits.
+        r0 = (nk - 1 - k) * rows
+        r1 = min(n_rows, r0 + rows)
         if stream:
             stream_normalize(
                 xf[r0 * n_ch : r1 * n_ch], yf[r0 * n_ch : r1 * n_ch], mt, sct, bt, n_ch
@@ -1012,9 +1004,9 @@ def nhwc_dx(dy, x, mean, k, shift, proj, dx, stream):
     xf = x.reshape(-1)
     df = dx.reshape(-1)
     nk = (n_rows + rows - 1) // rows
-    stripes = min(MAX_STRIPES, nk)
-    for u in prange(stripes):
-        r0, r1 = stripe_rows(stripes - 1 - u, stripes, nk, rows, n_rows)  # as nhwc_normalize
+    for u in prange(nk):
+        r0 = (nk - 1 - u) * rows  # last chunk first, as nhwc_normalize
+        r1 = min(n_rows, r0 + rows)
         if stream:
             a = r0 * n_ch
             e = r1 * n_ch
