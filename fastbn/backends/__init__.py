@@ -82,9 +82,9 @@ def choose_backend(name: str | None) -> ModuleType:
 
     The automatic choice is the compiled Cython backend when it was built, otherwise numba.
     Measured with fastbn-bench on the benchmark shapes (README, "Measured results"), numba
-    took 0.89x-1.18x the Cython backend's time channels-first and 1.04x-1.28x channels-last,
-    and its first call in a fresh process costs about 0.3 s from the disk cache (6.0 s
-    without) against 5 ms. It never picks ``"cuda"`` for NumPy inputs.
+    took 0.89x-1.22x the Cython backend's time channels-first and 0.97x-1.88x channels-last,
+    and its first call in a fresh process costs about 0.3 s from the disk cache (4-8 s
+    without) against 5-7 ms. It never picks ``"cuda"`` for NumPy inputs.
     """
     if name is not None:
         return get_backend(name)
