@@ -15,6 +15,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from .report import _md_table
+
 #: The shape with the larger targets of issue 4.
 BIG = (64, 256, 56, 56)
 
@@ -171,12 +173,5 @@ def markdown(report: dict[str, Any]) -> str:
                 cells.append(_fmt(target, row["bound"]))
             body.append(cells)
         counts = ", ".join(f"{impl} {met[impl]} of {len(body)}" for impl in backends)
-        out += [
-            "",
-            f"**{target.title}**: met on {counts}",
-            "",
-            "| " + " | ".join(header) + " |",
-            "| " + " | ".join("---" for _ in header) + " |",
-            *("| " + " | ".join(cells) + " |" for cells in body),
-        ]
+        out += ["", f"**{target.title}**: met on {counts}", "", *_md_table(header, body)]
     return "\n".join(out) + "\n" if out else ""
