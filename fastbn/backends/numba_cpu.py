@@ -336,7 +336,7 @@ def _nchw_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
             mean,
             var,
             invstd,
-            _stream(y, x.shape[2]),
+            _stream(y, _run_length(x)),
         )
         return
     _nchw_stats(x, mean, var, nthreads)
@@ -369,7 +369,7 @@ def _nchw_backward_train(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy_xmu, nt
             dx,
             sum_dy,
             sum_dy_xmu,
-            _stream(dx, x.shape[2]),
+            _stream(dx, _run_length(x)),
         )
         return
     _nchw_backward_reduce(dy, x, mean, sum_dy, sum_dy_xmu, nthreads)

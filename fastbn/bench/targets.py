@@ -15,7 +15,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from .report import _md_table
+from .report import _case_cells, _md_table
 
 #: The shape with the larger targets of issue 4.
 BIG = (64, 256, 56, 56)
@@ -37,6 +37,11 @@ class Target:
     against: str
     against_mode: str
     goal: Callable[[tuple[int, ...], str], float | None]
+
+    @property
+    def is_ratio(self) -> bool:
+        """Whether the value is a peer's time over fastbn's (else a roofline fraction)."""
+        return self.against != "roofline"
 
 
 def _nchw_train(shape: tuple[int, ...], layout: str) -> float | None:
@@ -116,17 +121,17 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
         for case in cases:
             goal = target.goal(*case)
             peer = index.get((case, target.op, target.against, target.against_mode))
-            if goal is None or (target.against != "roofline" and peer is None):
+            if goal is None or (target.is_ratio and peer is None):
                 continue
             values: dict[str, float | None] = {}
             for impl in backends:
                 ours = index.get((case, target.op, impl, target.mode))
                 if ours is None:
                     values[impl] = None
-                elif target.against == "roofline":
-                    values[impl] = ours["roofline"]
-                else:
+                elif target.is_ratio:
                     values[impl] = peer["median_s"] / ours["median_s"]
+                else:
+                    values[impl] = ours["roofline"]
             floor = floors.get((case, target.op, target.mode if cache_off else "out"))
             bound = None
             if peer is not None and floor is not None:
@@ -148,7 +153,7 @@ def evaluate(report: dict[str, Any]) -> list[dict[str, Any]]:
 def _fmt(target: Target, value: float | None) -> str:
     if value is None:
         return "-"
-    return f"{100 * value:.0f}%" if target.against == "roofline" else f"{value:.2f}x"
+    return f"{value:.2f}x" if target.is_ratio else f"{100 * value:.0f}%"
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -158,18 +163,19 @@ def markdown(report: dict[str, Any]) -> str:
     for entry in evaluate(report):
         target, backends = entry["target"], entry["backends"]
         header = ["shape", "layout", "goal", *backends]
-        if target.against != "roofline":
+        if target.is_ratio:
             header.append("bound (peer / floor)")
         body = []
         met = dict.fromkeys(backends, 0)
         for row in entry["rows"]:
-            cells = ["x".join(map(str, row["shape"])), row["layout"], _fmt(target, row["goal"])]
+            key = (row["shape"], row["layout"], "float32")
+            cells = [*_case_cells(key, multi_dtype=False), _fmt(target, row["goal"])]
             for impl in backends:
                 value = row["values"][impl]
                 ok = value is not None and value >= row["goal"]
                 met[impl] += ok
                 cells.append(_fmt(target, value) + (" met" if ok else ""))
-            if target.against != "roofline":
+            if target.is_ratio:
                 cells.append(_fmt(target, row["bound"]))
             body.append(cells)
         counts = ", ".join(f"{impl} {met[impl]} of {len(body)}" for impl in backends)
