@@ -73,14 +73,10 @@ GROUP_TILE = 8
 STREAM_MIN_RUN = 256
 #: Values per streamed block (4 cache lines of float32).
 STREAM_BLOCK = 64
-#: A long streamed run is written as STREAM_PARTS interleaved parts, a block of each in turn,
-#: when each part has at least STREAM_PART_MIN values (as FBN_STREAMS and FBN_STREAM_MIN of
-#: the Cython kernels: one core streams faster to and from four places at once).
+#: The NHWC statistics read a stripe of rows as STREAM_PARTS interleaved parts (as
+#: FBN_STREAMS of the Cython kernels: one core reads memory faster from four places at
+#: once). Streamed outputs are written in order (see ``_numba_kernels``).
 STREAM_PARTS = 4
-STREAM_PART_MIN = 1024
-#: ``dx`` reads two arrays: its streamed runs are written as DX_STREAM_PARTS parts, four read
-#: streams as a normalize's (FBN_DX_STREAMS of the Cython kernels).
-DX_STREAM_PARTS = 2
 
 # Reassociation lets LLVM vectorize the float64 accumulations of the row-reduction
 # primitives (only those are compiled with it, see _numba_kernels); it is decided at compile
@@ -231,14 +227,19 @@ def _run(fn: Callable, nthreads: int, *args) -> None:
     chose, and for good when it is ``workqueue``, calls are serialized with a lock.
     """
     global _concurrency_safe
-    get, set_, most = _thread_count()
-    n = 1 if args[0].size < SERIAL_BELOW else max(1, min(int(nthreads), most))
+    get, set_, _ = _thread_count()
+    n = _threads(args[0], nthreads)
     if _concurrency_safe:
         _call_with_threads(get, set_, fn, n, args)
         return
     with _call_lock:
         _call_with_threads(get, set_, fn, n, args)
         _concurrency_safe = threading_layer() not in (None, "workqueue")
+
+
+def _threads(x: np.ndarray, nthreads: int) -> int:
+    """The threads ``_run`` runs a kernel on for the input ``x``."""
+    return 1 if x.size < SERIAL_BELOW else max(1, min(int(nthreads), _thread_count()[2]))
 
 
 def _call_with_threads(get, set_, fn: Callable, n: int, args: tuple) -> None:
@@ -270,17 +271,26 @@ def _per_channel_path(x: np.ndarray) -> bool:
     return x.shape[1] >= MIN_CHANNELS_PER_CHANNEL_PATH or x.shape[0] * x.shape[2] <= CHUNK
 
 
+def _store(out: np.ndarray, x: np.ndarray, nthreads: int) -> bool | int:
+    """The store argument of the elementwise kernels: whether ``out`` is streamed (NCHW),
+    or the runs it is streamed in, one per thread (NHWC; 0: ordinary stores)."""
+    stream = _stream(out, _run_length(x))
+    if x.ndim == 3:
+        return stream
+    return _threads(x, nthreads) if stream else 0
+
+
 def _run_normalize(x, mean, scale, bias, y, nthreads):
     """y = (x - mean) * scale + bias (float32: ``x * scale + shift``, see the kernels'
     ``output_constants``), streamed by the store rule."""
     kernel = _compiled()["nchw_normalize" if x.ndim == 3 else "nhwc_normalize"]
-    _run(kernel, nthreads, x, mean, scale, bias, y, _stream(y, _run_length(x)))
+    _run(kernel, nthreads, x, mean, scale, bias, y, _store(y, x, nthreads))
 
 
 def _run_dx(dy, x, mean, k, shift, proj, dx, nthreads):
     """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed by the store rule."""
     kernel = _compiled()["nchw_dx" if x.ndim == 3 else "nhwc_dx"]
-    _run(kernel, nthreads, dy, x, mean, k, shift, proj, dx, _stream(dx, _run_length(x)))
+    _run(kernel, nthreads, dy, x, mean, k, shift, proj, dx, _store(dx, x, nthreads))
 
 
 def _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads):
