@@ -219,27 +219,30 @@ def _thread_count() -> tuple[Callable[[], int], Callable[[int], None], int]:
 
 
 def _run(fn: Callable, nthreads: int, *args) -> None:
-    """Call a jitted kernel with numba's (thread-local) thread count set to `nthreads`.
+    """Call a jitted kernel with numba's (thread-local) thread count set to `nthreads`
+    (``_threads``)."""
+    _call(fn, _threads(args[0], nthreads), *args)
 
-    Inputs (``args[0]``) smaller than ``SERIAL_BELOW`` values run on one thread: waking
-    a second one costs more than it saves there. Numba's ``workqueue`` threading layer
-    aborts on concurrent calls: until the first kernel has shown which layer numba
-    chose, and for good when it is ``workqueue``, calls are serialized with a lock.
-    """
+
+def _threads(x: np.ndarray, nthreads: int) -> int:
+    """The threads a kernel on the input ``x`` runs on: inputs smaller than
+    ``SERIAL_BELOW`` values run on one thread (waking a second one costs more than it saves
+    there)."""
+    return 1 if x.size < SERIAL_BELOW else max(1, min(int(nthreads), _thread_count()[2]))
+
+
+def _call(fn: Callable, n: int, *args) -> None:
+    """Call a jitted kernel on `n` threads. Numba's ``workqueue`` threading layer aborts on
+    concurrent calls: until the first kernel has shown which layer numba chose, and for
+    good when it is ``workqueue``, calls are serialized with a lock."""
     global _concurrency_safe
     get, set_, _ = _thread_count()
-    n = _threads(args[0], nthreads)
     if _concurrency_safe:
         _call_with_threads(get, set_, fn, n, args)
         return
     with _call_lock:
         _call_with_threads(get, set_, fn, n, args)
         _concurrency_safe = threading_layer() not in (None, "workqueue")
-
-
-def _threads(x: np.ndarray, nthreads: int) -> int:
-    """The threads ``_run`` runs a kernel on for the input ``x``."""
-    return 1 if x.size < SERIAL_BELOW else max(1, min(int(nthreads), _thread_count()[2]))
 
 
 def _call_with_threads(get, set_, fn: Callable, n: int, args: tuple) -> None:
@@ -271,26 +274,27 @@ def _per_channel_path(x: np.ndarray) -> bool:
     return x.shape[1] >= MIN_CHANNELS_PER_CHANNEL_PATH or x.shape[0] * x.shape[2] <= CHUNK
 
 
-def _store(out: np.ndarray, x: np.ndarray, nthreads: int) -> bool | int:
-    """The store argument of the elementwise kernels: whether ``out`` is streamed (NCHW),
-    or the runs it is streamed in, one per thread (NHWC; 0: ordinary stores)."""
-    stream = _stream(out, _run_length(x))
-    if x.ndim == 3:
-        return stream
-    return _threads(x, nthreads) if stream else 0
-
-
 def _run_normalize(x, mean, scale, bias, y, nthreads):
     """y = (x - mean) * scale + bias (float32: ``x * scale + shift``, see the kernels'
-    ``output_constants``), streamed by the store rule."""
-    kernel = _compiled()["nchw_normalize" if x.ndim == 3 else "nhwc_normalize"]
-    _run(kernel, nthreads, x, mean, scale, bias, y, _store(y, x, nthreads))
+    ``output_constants``), streamed by the store rule: an NCHW output row by row, an NHWC
+    one as a run of whole rows per thread (the kernel's last argument: 0 for ordinary
+    stores)."""
+    n = _threads(x, nthreads)
+    stream = _stream(y, _run_length(x))
+    if x.ndim == 3:
+        _call(_compiled()["nchw_normalize"], n, x, mean, scale, bias, y, stream)
+    else:
+        _call(_compiled()["nhwc_normalize"], n, x, mean, scale, bias, y, n if stream else 0)
 
 
 def _run_dx(dy, x, mean, k, shift, proj, dx, nthreads):
-    """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed by the store rule."""
-    kernel = _compiled()["nchw_dx" if x.ndim == 3 else "nhwc_dx"]
-    _run(kernel, nthreads, dy, x, mean, k, shift, proj, dx, _store(dx, x, nthreads))
+    """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed as ``_run_normalize``."""
+    n = _threads(x, nthreads)
+    stream = _stream(dx, _run_length(x))
+    if x.ndim == 3:
+        _call(_compiled()["nchw_dx"], n, dy, x, mean, k, shift, proj, dx, stream)
+    else:
+        _call(_compiled()["nhwc_dx"], n, dy, x, mean, k, shift, proj, dx, n if stream else 0)
 
 
 def _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads):
@@ -428,15 +432,21 @@ def _read_only(a: np.ndarray) -> np.ndarray:
 
 
 def _inputs_read_only(fn: Callable, n_inputs: int) -> Callable:
-    """Hand the data inputs to `fn` as read-only views.
+    """Hand the data inputs (``x``, or ``dy`` and ``x``) to `fn` as read-only views.
 
     Numba types read-only and writable arrays differently: by always passing read-only
     views, a read-only input (a memory map, a broadcast) reuses the kernels compiled for
     writable ones instead of compiling a second set.
     """
 
-    def call(*args):
-        fn(*(_read_only(a) for a in args[:n_inputs]), *args[n_inputs:])
+    if n_inputs == 1:
+
+        def call(x, *args):
+            fn(_read_only(x), *args)
+    else:
+
+        def call(dy, x, *args):
+            fn(_read_only(dy), _read_only(x), *args)
 
     call.__name__ = call.__qualname__ = fn.__name__
     call.__doc__ = fn.__doc__
