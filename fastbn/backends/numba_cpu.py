@@ -73,9 +73,9 @@ GROUP_TILE = 8
 STREAM_MIN_RUN = 256
 #: Values per streamed block (4 cache lines of float32).
 STREAM_BLOCK = 64
-#: The NHWC statistics read a stripe of rows as STREAM_PARTS interleaved parts (as
-#: FBN_STREAMS of the Cython kernels: one core reads memory faster from four places at
-#: once). Streamed outputs are written in order (see ``_numba_kernels``).
+#: The NHWC statistics and backward sums read a stripe of rows as STREAM_PARTS interleaved
+#: parts (as FBN_STREAMS of the Cython kernels: one core reads memory faster from four
+#: places at once). Streamed outputs are written in order (see ``_numba_kernels``).
 STREAM_PARTS = 4
 
 # Reassociation lets LLVM vectorize the float64 accumulations of the row-reduction
