@@ -274,27 +274,28 @@ def _per_channel_path(x: np.ndarray) -> bool:
     return x.shape[1] >= MIN_CHANNELS_PER_CHANNEL_PATH or x.shape[0] * x.shape[2] <= CHUNK
 
 
-def _run_normalize(x, mean, scale, bias, y, nthreads):
-    """y = (x - mean) * scale + bias (float32: ``x * scale + shift``, see the kernels'
-    ``output_constants``), streamed by the store rule: an NCHW output row by row, an NHWC
-    one as a run of whole rows per thread (the kernel's last argument: 0 for ordinary
+def _run_elementwise(op: str, x: np.ndarray, out: np.ndarray, nthreads: int, args) -> None:
+    """The elementwise kernel `op` ("normalize" or "dx") of x's layout on `args`, with the
+    store rule as its last argument: an NCHW output streamed row by row or not (a bool), an
+    NHWC one streamed as one run of whole rows per thread (the run count; 0: ordinary
     stores)."""
     n = _threads(x, nthreads)
-    stream = _stream(y, _run_length(x))
+    stream = _stream(out, _run_length(x))
     if x.ndim == 3:
-        _call(_compiled()["nchw_normalize"], n, x, mean, scale, bias, y, stream)
+        _call(_compiled()[f"nchw_{op}"], n, *args, stream)
     else:
-        _call(_compiled()["nhwc_normalize"], n, x, mean, scale, bias, y, n if stream else 0)
+        _call(_compiled()[f"nhwc_{op}"], n, *args, n if stream else 0)
+
+
+def _run_normalize(x, mean, scale, bias, y, nthreads):
+    """y = (x - mean) * scale + bias (float32: ``x * scale + shift``, see the kernels'
+    ``output_constants``), streamed by the store rule."""
+    _run_elementwise("normalize", x, y, nthreads, (x, mean, scale, bias, y))
 
 
 def _run_dx(dy, x, mean, k, shift, proj, dx, nthreads):
-    """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed as ``_run_normalize``."""
-    n = _threads(x, nthreads)
-    stream = _stream(dx, _run_length(x))
-    if x.ndim == 3:
-        _call(_compiled()["nchw_dx"], n, dy, x, mean, k, shift, proj, dx, stream)
-    else:
-        _call(_compiled()["nhwc_dx"], n, dy, x, mean, k, shift, proj, dx, n if stream else 0)
+    """dx = k * (dy - shift - (x - mean) * proj) per channel, streamed by the store rule."""
+    _run_elementwise("dx", x, dx, nthreads, (dy, x, mean, k, shift, proj, dx))
 
 
 def _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads):
