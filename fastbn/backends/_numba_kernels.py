@@ -942,16 +942,13 @@ def nhwc_normalize(x, mean, scale, bias, y, runs):
     rows = max(1, NHWC_CHUNK // n_ch)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
-    if not apart(y, x):
-        runs = 0
-    extra = BLOCK if runs else 0
     mt, bt = output_constants(x, mean, scale, bias)
-    mt, sct, bt = wrap(mt, extra), wrap(scale, extra), wrap(bt, extra)
-    if runs:
+    if runs and apart(y, x):
+        mw, sw, bw = wrap(mt, BLOCK), wrap(scale, BLOCK), wrap(bt, BLOCK)
         for t in prange(runs):
             a = t * n_rows // runs * n_ch
             e = (t + 1) * n_rows // runs * n_ch
-            stream_normalize(xf[a:e], yf[a:e], mt, sct, bt, n_ch)
+            stream_normalize(xf[a:e], yf[a:e], mw, sw, bw, n_ch)
             fence()
         return
     nk = (n_rows + rows - 1) // rows
@@ -960,7 +957,7 @@ def nhwc_normalize(x, mean, scale, bias, y, runs):
         # backward's sums) read last are still in cache. Elementwise: same bits.
         r0 = (nk - 1 - k) * rows
         r1 = min(n_rows, r0 + rows)
-        cols_normalize(x[r0:r1], mt, sct, bt, y[r0:r1])
+        cols_normalize(x[r0:r1], mt, scale, bt, y[r0:r1])
 
 
 @parallel
@@ -994,14 +991,11 @@ def nhwc_dx(dy, x, mean, k, shift, proj, dx, runs):
     see stream_grad)."""
     n_rows, n_ch = x.shape
     rows = max(1, NHWC_CHUNK // n_ch)
-    if not (apart(dx, dy) and apart(dx, x)):
-        runs = 0
-    extra = BLOCK if runs else 0
-    mt, kt, st, pt = wrap(mean, extra), wrap(k, extra), wrap(shift, extra), wrap(proj, extra)
     gf = dy.reshape(-1)
     xf = x.reshape(-1)
     df = dx.reshape(-1)
-    if runs:
+    if runs and apart(dx, dy) and apart(dx, x):
+        mt, kt, st, pt = wrap(mean, BLOCK), wrap(k, BLOCK), wrap(shift, BLOCK), wrap(proj, BLOCK)
         for t in prange(runs):
             a = t * n_rows // runs * n_ch
             e = (t + 1) * n_rows // runs * n_ch
@@ -1012,4 +1006,4 @@ def nhwc_dx(dy, x, mean, k, shift, proj, dx, runs):
     for u in prange(nk):
         r0 = (nk - 1 - u) * rows  # last chunk first, as nhwc_normalize
         r1 = min(n_rows, r0 + rows)
-        cols_dx(dy[r0:r1], x[r0:r1], mt, kt, st, pt, dx[r0:r1])
+        cols_dx(dy[r0:r1], x[r0:r1], mean, k, shift, proj, dx[r0:r1])
