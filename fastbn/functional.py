@@ -70,15 +70,16 @@ def batch_norm(
     call = d.prepare(x, layout, backend, out)
     channels, ops = call.plan.channels, call.ops
     eps = _check_eps(eps)
-    w = d.vector_or(weight, channels, "weight", 1.0, ops)
-    b = d.vector_or(bias, channels, "bias", 0.0, ops)
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
+        w = None if weight is None else d.check_vector(weight, channels, "weight", ops)
+        b = None if bias is None else d.check_vector(bias, channels, "bias", ops)
         rm = d.check_vector(running_mean, channels, "running_mean", ops)
         rv = d.check_vector(running_var, channels, "running_var", ops)
-        scale = ops.div_sqrt(w, rv, eps)
-        return d.normalize(call, ops.f64(rm), scale, b)
+        return d.normalize(call, *d.inference_terms(ops, w, b, rm, rv, eps))
+    w = d.vector_or(weight, channels, "weight", 1.0, ops)
+    b = d.vector_or(bias, channels, "bias", 0.0, ops)
     _check_training_count(call)
     if (running_mean is None) != (running_var is None):
         raise ValueError("give both running_mean and running_var, or neither")

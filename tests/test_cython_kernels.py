@@ -652,6 +652,27 @@ def test_bad_arguments_raise(layout: str) -> None:
         cython_cpu.kernels("NCHW")
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_tables_specialized_to_a_dtype(layout: str) -> None:
+    """``kernels(layout, dtype)`` holds the fused kernels' specializations: the same bits,
+    only that dtype accepted."""
+    shape = (2, 3, 40) if layout == "nchw" else (80, 3)
+    c3 = np.ones(3)
+    for dtype, other in ((np.float32, np.float64), (np.float64, np.float32)):
+        table = cython_cpu.kernels(layout, np.dtype(dtype))
+        assert table is cython_cpu.kernels(layout, np.dtype(dtype))
+        assert set(table) == set(cython_cpu.KERNEL_NAMES)
+        x = _data(shape, layout, dtype, seed=2)
+        got, want = [np.empty(3), np.empty(3)], [np.empty(3), np.empty(3)]
+        table["stats"](x, *got, 2)
+        cython_cpu.kernels(layout)["stats"](x, *want, 2)
+        np.testing.assert_array_equal(got, want, err_msg=f"{layout} {np.dtype(dtype)}")
+        with pytest.raises(ValueError, match="dtype"):
+            table["stats"](x.astype(other), c3, c3, 1)
+    with pytest.raises(ValueError, match="float32 or float64"):
+        cython_cpu.kernels(layout, np.dtype(np.float16))
+
+
 def test_read_only_input() -> None:
     x = _data((4, 3, 100), "nchw", np.float32, seed=9)
     x.flags.writeable = False

@@ -269,6 +269,25 @@ def test_out_partial_overlap_raises(backend, dtype, layout):
     np.testing.assert_array_equal(buf, buf0, err_msg=f"buffer changed [{case}]")
 
 
+def test_out_owning_its_memory_viewed_by_the_input_raises(backend, dtype, layout):
+    """An out that owns its memory is refused when x (or dy) views it through other arrays
+    (the ownership shortcut of the overlap check must not hide that)."""
+    out = make_data((4, 3, 6, 5), dtype, layout).copy()
+    before = out.copy()
+    views = {"reversed": out[::-1], "through a view": out.reshape(-1)[::-1].reshape(out.shape)}
+    c = out.shape[1]
+    for label, x in views.items():
+        case = Case(backend, dtype, x.shape, layout, f"x {label} of out")
+        assert out.flags.owndata and not x.flags.owndata and x.base is not None
+        with pytest.raises(ValueError, match="overlap"):
+            fastbn.batch_norm(x, np.zeros(c), np.ones(c), layout=layout, out=out, backend=backend)
+        with pytest.raises(ValueError, match="overlap"):
+            fastbn.batch_norm_backward(
+                x.copy(), x, np.zeros(c), np.ones(c), layout=layout, out=out, backend=backend
+            )
+        np.testing.assert_array_equal(out, before, err_msg=f"out changed [{case}]")
+
+
 # ------------------------------------------------------------------ memory order
 
 

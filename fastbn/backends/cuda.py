@@ -444,13 +444,17 @@ def _staged(fn: Callable[..., None], outputs: tuple[int, ...]) -> Callable[..., 
     return run
 
 
-def kernels(layout: str, *, launch: LaunchConfig | None = None) -> dict[str, Callable[..., None]]:
+def kernels(
+    layout: str, dtype: Any = None, *, launch: LaunchConfig | None = None
+) -> dict[str, Callable[..., None]]:
     """Return the kernel table of ``CONTRACT.md`` for a canonical layout.
 
     Parameters
     ----------
     layout : {"nchw", "nhwc"}
         The canonical view: ``(N, C, S)`` or ``(R, C)``.
+    dtype : dtype, optional
+        The data's dtype; the same table for both (numba compiles one version per dtype).
     launch : LaunchConfig, optional
         Block and grid sizes; by default :func:`default_launch` at each call. Results are
         bitwise identical for every value.

@@ -37,6 +37,7 @@ import os
 import threading
 from collections.abc import Callable
 from functools import cache
+from typing import Any
 
 import numpy as np
 
@@ -484,6 +485,9 @@ _TABLE = {
 }
 
 
-def kernels(layout: str) -> dict[str, Callable]:
-    """The kernel table of CONTRACT.md for the canonical `layout` ("nchw" or "nhwc")."""
+def kernels(layout: str, dtype: Any = None) -> dict[str, Callable]:
+    """The kernel table of CONTRACT.md for the canonical `layout` ("nchw" or "nhwc").
+
+    The same table for every `dtype` (numba's dispatchers compile one version per dtype).
+    """
     return _TABLE[layout]
