@@ -54,6 +54,7 @@ NCHW_SHAPES = [
     (1, 1, 600_001),
     (16, 16, 1100),
     (100, 2, 1400),
+    (160, 26, 49),  # short rows: training backward groups of 8 channels, forward of 16
 ]
 NHWC_SHAPES = [
     (1, 1),
@@ -276,6 +277,15 @@ def test_grid_covers_stripes() -> None:
     assert ext.grid("nchw", (512, 512, 49))["group"] > 1
     assert ext.grid("nchw", (128, 512, 49))["group"] * 49 >= 1024 - 49
     assert any(1 < g["group"] < s[1] for g, s in zip(nchw, NCHW_SHAPES, strict=True))
+    # The training backward's groups hold both dy and x: smaller ones, never below 3 (or the
+    # forward's group) channels, and tested.
+    assert any(1 < g["backward_group"] < g["group"] for g in nchw)
+    for shape in ((128, 512, 49), (128, 512, 196), (1024, 64, 49), *NCHW_SHAPES):
+        g = ext.grid("nchw", shape)
+        n, _, s = shape
+        assert g["backward_group"] <= g["group"], shape
+        assert g["backward_group"] * 2 * n * s <= 131072 or g["backward_group"] <= 3, shape
+        assert g["backward_group"] > 1 or g["group"] == 1, shape
     # Channels read as interleaved streams, whole and in stripes.
     assert any(g["streams"] and g["fused"] and g["group"] == 1 for g in nchw)
     assert any(g["streams"] and g["stripes"] > 1 for g in nchw)
