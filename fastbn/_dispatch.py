@@ -398,9 +398,10 @@ def inference_terms(
     running_mean: np.ndarray,
     running_var: np.ndarray,
     eps: float,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """float64 ``(mean, scale, bias)`` of an inference with running statistics, for
-    `normalize`: ``scale = weight / sqrt(running_var + eps)``.
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """float64 ``(mean, invstd, scale, bias)`` of an inference with running statistics:
+    ``invstd = 1 / sqrt(running_var + eps)`` (for an eval-mode backward) and
+    ``scale = weight / sqrt(running_var + eps)``; `normalize` takes mean, scale and bias.
 
     The vectors are validated (C,) floating arrays; `weight` and `bias` may be None (ones
     and zeros). On the host one compiled call does it all (``fastbn._channel_terms``, the
@@ -411,7 +412,8 @@ def inference_terms(
     n = running_mean.shape[0]
     w = ops.full(n, 1.0) if weight is None else ops.f64(weight)
     b = ops.full(n, 0.0) if bias is None else ops.f64(bias)
-    return ops.f64(running_mean), ops.div_sqrt(w, running_var, eps), b
+    scale = ops.div_sqrt(w, running_var, eps)
+    return ops.f64(running_mean), ops.invstd(running_var, eps), scale, b
 
 
 def update_running(

@@ -197,15 +197,22 @@ class BatchNorm:
             )
         c = self.num_features
         ops = call.ops
-        w = d.vector_or(self.weight, c, "weight", 1.0, ops)
-        b = d.vector_or(self.bias, c, "bias", 0.0, ops)
-        use_batch_stats = self.training or not self.track_running_stats
-        if not use_batch_stats:
-            mean = ops.astype(self.running_mean, np.float64)
-            invstd = ops.invstd(self.running_var, self.eps)
-            y = d.normalize(call, mean, ops.mul(w, invstd), b)
+        if self.track_running_stats and not self.training:  # the running statistics
+            vectors = [
+                None if v is None else d.check_vector(v, c, name, ops)
+                for v, name in (
+                    (self.weight, "weight"),
+                    (self.bias, "bias"),
+                    (self.running_mean, "running_mean"),
+                    (self.running_var, "running_var"),
+                )
+            ]
+            mean, invstd, scale, shift = d.inference_terms(ops, *vectors, self.eps)
+            y = d.normalize(call, mean, scale, shift)
             self._saved = _Saved(call.plan.restore(call.xc), mean, invstd, training=False)
             return y
+        w = d.vector_or(self.weight, c, "weight", 1.0, ops)
+        b = d.vector_or(self.bias, c, "bias", 0.0, ops)
         if call.plan.count < 2:
             raise ValueError(
                 "expected more than 1 value per channel when training, got input of shape "

@@ -40,24 +40,30 @@ cdef int _load(object v, double *dst, Py_ssize_t n, double fill) except -1:
 
 
 def inference_terms(weight, bias, running_mean, running_var, double eps):
-    """float64 ``(mean, scale, bias)`` of an inference, ``scale = weight / sqrt(var + eps)``.
+    """float64 ``(mean, invstd, scale, bias)`` of an inference: ``invstd = 1 / sqrt(var +
+    eps)`` and ``scale = weight / sqrt(var + eps)``.
 
     `running_mean` and `running_var` are 1-D floating arrays of one length C, as are
-    `weight` and `bias` (None: ones and zeros). The caller has validated them; the three
+    `weight` and `bias` (None: ones and zeros). The caller has validated them; the four
     results are new C-contiguous float64 arrays of shape (C,).
     """
     cdef cnp.npy_intp n = cnp.PyArray_DIM(<cnp.ndarray?>running_mean, 0)
     cdef cnp.ndarray mean = cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
+    cdef cnp.ndarray invstd = cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
     cdef cnp.ndarray scale = cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
     cdef cnp.ndarray shift = cnp.PyArray_EMPTY(1, &n, cnp.NPY_DOUBLE, 0)
     cdef double *m = <double *>cnp.PyArray_DATA(mean)
+    cdef double *r = <double *>cnp.PyArray_DATA(invstd)
     cdef double *s = <double *>cnp.PyArray_DATA(scale)
     cdef double *b = <double *>cnp.PyArray_DATA(shift)
     cdef Py_ssize_t i
+    cdef double t
     _load(running_mean, m, n, 0.0)
-    _load(running_var, s, n, 0.0)
-    _load(weight, b, n, 1.0)  # the bias's buffer holds the weight until the scale is done
+    _load(running_var, r, n, 0.0)
+    _load(weight, s, n, 1.0)
     for i in range(n):
-        s[i] = b[i] / sqrt(s[i] + eps)
+        t = sqrt(r[i] + eps)
+        r[i] = 1.0 / t
+        s[i] = s[i] / t
     _load(bias, b, n, 0.0)
-    return mean, scale, shift
+    return mean, invstd, scale, shift

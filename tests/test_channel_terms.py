@@ -35,9 +35,11 @@ def test_compiled_terms_match_numpy(monkeypatch, dtype, affine):
     monkeypatch.setattr(d, "_channel_terms", None)
     want = d.inference_terms(d.HOST, w, b, m, v, eps)
     f64 = [np.asarray(a, np.float64) for a in (m, v)]
-    scale = (1.0 if w is None else np.asarray(w, np.float64)) / np.sqrt(f64[1] + eps)
-    exact = (f64[0], scale, 0.0 if b is None else b)
-    for name, g, n, r in zip(("mean", "scale", "bias"), got, want, exact, strict=True):
+    root = np.sqrt(f64[1] + eps)
+    scale = (1.0 if w is None else np.asarray(w, np.float64)) / root
+    exact = (f64[0], 1.0 / root, scale, 0.0 if b is None else b)
+    names = ("mean", "invstd", "scale", "bias")
+    for name, g, n, r in zip(names, got, want, exact, strict=True):
         what = f"{name} [{dtype}, affine={affine}]"
         assert g.dtype == np.float64 and g.shape == (C,) and g.flags.c_contiguous, what
         assert g.tobytes() == n.tobytes(), f"compiled and NumPy differ: {what}"

@@ -154,6 +154,22 @@ def test_eval_uses_running_stats_and_backward_is_scaled_dy(backend, dtype, layou
     )
 
 
+def test_eval_forward_is_batch_norm_with_running_stats(backend, dtype, layout):
+    """The same bits as the functional call (one formula for ``weight / sqrt(var + eps)``)."""
+    c = 257
+    bn = fastbn.BatchNorm(c, eps=1e-3, layout=layout, dtype=np.float64, backend=backend)
+    for i, name in enumerate(("weight", "bias", "running_mean")):
+        getattr(bn, name)[:] = make_vector(c, i, loc=0.0, spread=3.0)
+    bn.running_var[:] = make_vector(c, 4, loc=4.0, spread=3.0)
+    x = make_data((3, c, 5), dtype, layout)
+    want = fastbn.batch_norm(
+        x, bn.running_mean, bn.running_var, bn.weight, bn.bias, eps=1e-3, layout=layout,
+        backend=backend,
+    )  # fmt: skip
+    case = Case(backend, dtype, x.shape, layout, "eval")
+    np.testing.assert_array_equal(bn.eval()(x), want, err_msg=f"layer != batch_norm [{case}]")
+
+
 def test_train_eval_return_self():
     bn = fastbn.BatchNorm(2)
     assert bn.train() is bn and bn.training
