@@ -82,7 +82,7 @@ def choose_backend(name: str | None) -> ModuleType:
 
     The automatic choice is the compiled Cython backend when it was built, otherwise numba.
     Measured with fastbn-bench on the benchmark shapes (README, "Measured results"), numba
-    took 0.92x-1.26x the Cython backend's time channels-first and 0.91x-1.34x channels-last,
+    took 0.86x-1.25x the Cython backend's time channels-first and 0.71x-1.32x channels-last,
     and its first call in a fresh process costs about 0.3 s from the disk cache (4-8 s
     without) against 5-7 ms. It never picks ``"cuda"`` for NumPy inputs.
     """
