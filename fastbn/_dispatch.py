@@ -391,6 +391,26 @@ def normalize(call: Call, mean: np.ndarray, scale: np.ndarray, bias: np.ndarray)
     return y
 
 
+def infer(
+    call: Call,
+    weight: Any,
+    bias: Any,
+    running_mean: Any,
+    running_var: Any,
+    eps: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Inference with running statistics: validate the vectors (`weight` and `bias` may be
+    None), normalize; return ``(y, mean, invstd)``, the last two float64 for an eval-mode
+    backward."""
+    c, ops = call.plan.channels, call.ops
+    w = None if weight is None else check_vector(weight, c, "weight", ops)
+    b = None if bias is None else check_vector(bias, c, "bias", ops)
+    rm = check_vector(running_mean, c, "running_mean", ops)
+    rv = check_vector(running_var, c, "running_var", ops)
+    mean, invstd, scale, shift = inference_terms(ops, w, b, rm, rv, eps)
+    return normalize(call, mean, scale, shift), mean, invstd
+
+
 def inference_terms(
     ops: Any,
     weight: np.ndarray | None,

@@ -73,12 +73,7 @@ def batch_norm(
     if not training:
         if running_mean is None or running_var is None:
             raise ValueError("running_mean and running_var are required when training=False")
-        w = None if weight is None else d.check_vector(weight, channels, "weight", ops)
-        b = None if bias is None else d.check_vector(bias, channels, "bias", ops)
-        rm = d.check_vector(running_mean, channels, "running_mean", ops)
-        rv = d.check_vector(running_var, channels, "running_var", ops)
-        mean, _, scale, shift = d.inference_terms(ops, w, b, rm, rv, eps)
-        return d.normalize(call, mean, scale, shift)
+        return d.infer(call, weight, bias, running_mean, running_var, eps)[0]
     w = d.vector_or(weight, channels, "weight", 1.0, ops)
     b = d.vector_or(bias, channels, "bias", 0.0, ops)
     _check_training_count(call)

@@ -198,17 +198,9 @@ class BatchNorm:
         c = self.num_features
         ops = call.ops
         if self.track_running_stats and not self.training:  # the running statistics
-            vectors = [
-                None if v is None else d.check_vector(v, c, name, ops)
-                for v, name in (
-                    (self.weight, "weight"),
-                    (self.bias, "bias"),
-                    (self.running_mean, "running_mean"),
-                    (self.running_var, "running_var"),
-                )
-            ]
-            mean, invstd, scale, shift = d.inference_terms(ops, *vectors, self.eps)
-            y = d.normalize(call, mean, scale, shift)
+            y, mean, invstd = d.infer(
+                call, self.weight, self.bias, self.running_mean, self.running_var, self.eps
+            )
             self._saved = _Saved(call.plan.restore(call.xc), mean, invstd, training=False)
             return y
         w = d.vector_or(self.weight, c, "weight", 1.0, ops)
