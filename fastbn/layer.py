@@ -195,14 +195,14 @@ class BatchNorm:
                 f"expected {self.num_features} channels on the {self.layout} channel axis, "
                 f"got input of shape {call.plan.user_shape}"
             )
-        c = self.num_features
-        ops = call.ops
         if self.track_running_stats and not self.training:  # the running statistics
             y, mean, invstd = d.infer(
                 call, self.weight, self.bias, self.running_mean, self.running_var, self.eps
             )
             self._saved = _Saved(call.plan.restore(call.xc), mean, invstd, training=False)
             return y
+        c = self.num_features
+        ops = call.ops
         w = d.vector_or(self.weight, c, "weight", 1.0, ops)
         b = d.vector_or(self.bias, c, "bias", 0.0, ops)
         if call.plan.count < 2:
