@@ -856,24 +856,27 @@ cdef inline void _prefetch_run(const void* p, idx_t nbytes, bint write) noexcept
 
 
 cdef inline void _group_tile(const floating* g, const floating* x, int nr, idx_t CS, idx_t W,
-                             int op, const double* m, double* a, double* b) noexcept nogil:
+                             int op, const double* m, double* a, double* b,
+                             int nnr) noexcept nogil:
     """Samples ``x + j*CS`` (``j < nr``) of ``W`` positions, in order, onto positional
     accumulators: ``op`` 0 ``a += x``, 1 ``a += x - m, b += (x - m)**2``,
-    2 ``a += g, b += g*(x - m)`` (``m`` per position)."""
+    2 ``a += g, b += g*(x - m)`` (``m`` per position); the ``nnr`` samples after them are
+    requested as the positions are read (``_group_pass``)."""
+    cdef idx_t ahead = nr * CS
     if floating is float:
         if op == 0:
-            fastbn_rows_add_f32(x, nr, CS, W, a)
+            fastbn_rows_add_f32(x, nr, CS, W, a, ahead, nnr)
         elif op == 1:
-            fastbn_rows_dev_sq_f32(x, nr, CS, W, m, a, b)
+            fastbn_rows_dev_sq_f32(x, nr, CS, W, m, a, b, ahead, nnr)
         else:
-            fastbn_rows_sum_dot_f32(g, x, nr, CS, W, m, a, b)
+            fastbn_rows_sum_dot_f32(g, x, nr, CS, W, m, a, b, ahead, nnr)
     else:
         if op == 0:
-            fastbn_rows_add_f64(x, nr, CS, W, a)
+            fastbn_rows_add_f64(x, nr, CS, W, a, ahead, nnr)
         elif op == 1:
-            fastbn_rows_dev_sq_f64(x, nr, CS, W, m, a, b)
+            fastbn_rows_dev_sq_f64(x, nr, CS, W, m, a, b, ahead, nnr)
         else:
-            fastbn_rows_sum_dot_f64(g, x, nr, CS, W, m, a, b)
+            fastbn_rows_sum_dot_f64(g, x, nr, CS, W, m, a, b, ahead, nnr)
 
 
 cdef void _group_pass(const floating* g, const floating* x, idx_t S, idx_t CS, idx_t N,
@@ -885,25 +888,22 @@ cdef void _group_pass(const floating* g, const floating* x, idx_t S, idx_t CS, i
     contiguous run of ``W = G*S`` values, and the samples are taken ``_GROUP_TILE`` at a
     time, in order, the accumulators loaded and stored once per tile. The runs are on other
     pages sample after sample, which the hardware prefetcher does not follow: the next
-    tile's runs are requested while this one is summed.
+    tile's runs are requested while this one is summed, a line of each at every line of
+    the positions read. Requested all at once at the start of the tile instead, the
+    statistics of (128, 512, 7, 7) float32 took 1.10x-1.18x as long on 2 threads.
     """
-    cdef idx_t W = G * S, n, k, e, o
-    cdef idx_t nbytes = W * sizeof(floating)
-    for k in range(W):
-        a[k] = 0.0
+    cdef idx_t W = G * S, n, o
+    cdef int nr, nnr
+    for o in range(W):
+        a[o] = 0.0
         if op:
-            b[k] = 0.0
+            b[o] = 0.0
     n = 0
     while n < N:
-        e = n + 2 * _GROUP_TILE if n + 2 * _GROUP_TILE < N else N
-        for k in range(n + _GROUP_TILE, e):
-            o = k * CS + c0 * S
-            _prefetch_run(x + o, nbytes, False)
-            if op == 2:
-                _prefetch_run(g + o, nbytes, False)
+        nr = _GROUP_TILE if n + _GROUP_TILE <= N else <int>(N - n)
+        nnr = _GROUP_TILE if n + nr + _GROUP_TILE <= N else <int>(N - n - nr)
         o = n * CS + c0 * S
-        _group_tile(g + o, x + o, _GROUP_TILE if n + _GROUP_TILE <= N else <int>(N - n),
-                    CS, W, op, m, a, b)
+        _group_tile(g + o, x + o, nr, CS, W, op, m, a, b, nnr)
         n += _GROUP_TILE
 
 
@@ -1482,14 +1482,14 @@ cdef inline void _nhwc_rows_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, 
     for r in range(ra, rb):
         if floating is float:
             if dev:
-                fastbn_rows_dev_sq_f32(x + r * C, FBN_STREAMS, part * C, C, kc, sd, sdd)
+                fastbn_rows_dev_sq_f32(x + r * C, FBN_STREAMS, part * C, C, kc, sd, sdd, 0, 0)
             else:
-                fastbn_rows_add_f32(x + r * C, FBN_STREAMS, part * C, C, kc)
+                fastbn_rows_add_f32(x + r * C, FBN_STREAMS, part * C, C, kc, 0, 0)
         else:
             if dev:
-                fastbn_rows_dev_sq_f64(x + r * C, FBN_STREAMS, part * C, C, kc, sd, sdd)
+                fastbn_rows_dev_sq_f64(x + r * C, FBN_STREAMS, part * C, C, kc, sd, sdd, 0, 0)
             else:
-                fastbn_rows_add_f64(x + r * C, FBN_STREAMS, part * C, C, kc)
+                fastbn_rows_add_f64(x + r * C, FBN_STREAMS, part * C, C, kc, 0, 0)
 
 
 cdef inline void _nhwc_chunk_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, bint dev,
@@ -1516,7 +1516,7 @@ cdef inline void _nhwc_chunk_acc(const floating* x, idx_t C, idx_t ra, idx_t rb,
     r = ra
     while r < rb:
         _group_tile(x, x + r * C, _GROUP_TILE if r + _GROUP_TILE <= rb else <int>(rb - r),
-                    C, C, dev, kc, sd if dev else kc, sdd)
+                    C, C, dev, kc, sd if dev else kc, sdd, 0)
         r += _GROUP_TILE
 
 
@@ -1663,10 +1663,10 @@ cdef void _nhwc_bsums(const floating* dy, const floating* x, idx_t C, idx_t r0, 
     for r in range(r0, r0 + part):
         if floating is float:
             fastbn_rows_sum_dot_f32(dy + r * C, x + r * C, FBN_STREAMS, part * C, C, m,
-                                    sdy, sxm)
+                                    sdy, sxm, 0, 0)
         else:
             fastbn_rows_sum_dot_f64(dy + r * C, x + r * C, FBN_STREAMS, part * C, C, m,
-                                    sdy, sxm)
+                                    sdy, sxm, 0, 0)
     for r in range(r0 + FBN_STREAMS * part, r1):
         gr = dy + r * C
         xr = x + r * C

@@ -218,16 +218,28 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
  * fastbn_rows_dev_sq:  sd[c] += x[j*d + c] - k[c];  sdd[c] += (x[j*d + c] - k[c])**2
  * fastbn_rows_sum_dot: sdy[c] += g[j*d + c];  sxm[c] += g[j*d + c] * (x[j*d + c] - m[c])
  *                      (the NHWC backward sums, see _nhwc_bsums)
+ *
+ * With nnr > 0 the SIMD loops also request (prefetch into L2) the nnr rows that follow at
+ * x + ahead (and g + ahead): the line of each at the same columns, once per cache line of
+ * the columns read, so that the requests keep pace with the reads (the NCHW groups' next
+ * tile of samples, whose runs are on other pages); the values summed do not change.
  */
 #if FASTBN_SIMD
+    /* At each cache line of the columns: that line of the nnr rows at P + ahead. */
+    #define FBN_ROWS_AHEAD(P)                                                                \
+        if (nnr && !((c * (ptrdiff_t)sizeof(*(P))) & 63))                                    \
+            for (int j = 0; j < nnr; j++)                                                    \
+                _mm_prefetch((const char*)((P) + ahead + j * d + c), _MM_HINT_T1);
     #define FBN_SIMD_ROWS_ADD(LOADV)                                                         \
         for (; c + FBN_W <= C; c += FBN_W) {                                                 \
+            FBN_ROWS_AHEAD(x)                                                                \
             fbn_vd a = fbn_loadd(k + c);                                                     \
             for (int j = 0; j < nr; j++) a = fbn_add(a, LOADV(x + j * d + c));               \
             fbn_storeu(k + c, a);                                                            \
         }
     #define FBN_SIMD_ROWS_DEV_SQ(LOADV)                                                      \
         for (; c + FBN_W <= C; c += FBN_W) {                                                 \
+            FBN_ROWS_AHEAD(x)                                                                \
             fbn_vd kv = fbn_loadd(k + c), a = fbn_loadd(sd + c), b = fbn_loadd(sdd + c), t;  \
             for (int j = 0; j < nr; j++) {                                                   \
                 t = fbn_sub(LOADV(x + j * d + c), kv);                                       \
@@ -239,6 +251,8 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
         }
     #define FBN_SIMD_ROWS_SUM_DOT(LOADV)                                                     \
         for (; c + FBN_W <= C; c += FBN_W) {                                                 \
+            FBN_ROWS_AHEAD(g)                                                                \
+            FBN_ROWS_AHEAD(x)                                                                \
             fbn_vd mv = fbn_loadd(m + c), a = fbn_loadd(sdy + c), b = fbn_loadd(sxm + c), gv; \
             for (int j = 0; j < nr; j++) {                                                   \
                 gv = LOADV(g + j * d + c);                                                   \
@@ -255,7 +269,8 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
 #endif
 #define FBN_DEFINE_ROWS(SUFFIX, T, LOADV)                                                    \
     static inline void fastbn_rows_add_##SUFFIX(const T* x, int nr, ptrdiff_t d,             \
-                                                ptrdiff_t C, double* k) {                    \
+                                                ptrdiff_t C, double* k,                      \
+                                                ptrdiff_t ahead, int nnr) {                  \
         ptrdiff_t c = 0;                                                                     \
         FBN_SIMD_ROWS_ADD(LOADV)                                                             \
         for (; c < C; c++)                                                                   \
@@ -263,7 +278,7 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
     }                                                                                        \
     static inline void fastbn_rows_dev_sq_##SUFFIX(const T* x, int nr, ptrdiff_t d,          \
                                                    ptrdiff_t C, const double* k, double* sd, \
-                                                   double* sdd) {                            \
+                                                   double* sdd, ptrdiff_t ahead, int nnr) {  \
         ptrdiff_t c = 0;                                                                     \
         FBN_SIMD_ROWS_DEV_SQ(LOADV)                                                          \
         for (; c < C; c++)                                                                   \
@@ -276,7 +291,7 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
     static inline void fastbn_rows_sum_dot_##SUFFIX(const T* g, const T* x, int nr,          \
                                                     ptrdiff_t d, ptrdiff_t C,                \
                                                     const double* m, double* sdy,            \
-                                                    double* sxm) {                           \
+                                                    double* sxm, ptrdiff_t ahead, int nnr) { \
         ptrdiff_t c = 0;                                                                     \
         FBN_SIMD_ROWS_SUM_DOT(LOADV)                                                         \
         for (; c < C; c++)                                                                   \

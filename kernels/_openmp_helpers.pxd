@@ -131,19 +131,21 @@ cdef extern from "_lanes.h":
     void fastbn_cols_sum_f64(const double* x, Py_ssize_t rows, Py_ssize_t C,
                              double* k) noexcept nogil
     void fastbn_rows_add_f32(const float* x, int nr, Py_ssize_t d, Py_ssize_t C,
-                             double* k) noexcept nogil
+                             double* k, Py_ssize_t ahead, int nnr) noexcept nogil
     void fastbn_rows_add_f64(const double* x, int nr, Py_ssize_t d, Py_ssize_t C,
-                             double* k) noexcept nogil
+                             double* k, Py_ssize_t ahead, int nnr) noexcept nogil
     void fastbn_rows_dev_sq_f32(const float* x, int nr, Py_ssize_t d, Py_ssize_t C,
-                                const double* k, double* sd, double* sdd) noexcept nogil
+                                const double* k, double* sd, double* sdd, Py_ssize_t ahead,
+                                int nnr) noexcept nogil
     void fastbn_rows_dev_sq_f64(const double* x, int nr, Py_ssize_t d, Py_ssize_t C,
-                                const double* k, double* sd, double* sdd) noexcept nogil
+                                const double* k, double* sd, double* sdd, Py_ssize_t ahead,
+                                int nnr) noexcept nogil
     void fastbn_rows_sum_dot_f32(const float* g, const float* x, int nr, Py_ssize_t d,
                                  Py_ssize_t C, const double* m, double* sdy,
-                                 double* sxm) noexcept nogil
+                                 double* sxm, Py_ssize_t ahead, int nnr) noexcept nogil
     void fastbn_rows_sum_dot_f64(const double* g, const double* x, int nr, Py_ssize_t d,
                                  Py_ssize_t C, const double* m, double* sdy,
-                                 double* sxm) noexcept nogil
+                                 double* sxm, Py_ssize_t ahead, int nnr) noexcept nogil
     void fastbn_cols_dev_sq_f32(const float* x, Py_ssize_t rows, Py_ssize_t C, const double* k,
                                 double* sd, double* sdd) noexcept nogil
     void fastbn_cols_dev_sq_f64(const double* x, Py_ssize_t rows, Py_ssize_t C,
