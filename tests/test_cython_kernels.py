@@ -491,6 +491,8 @@ def _unaligned_like(x: np.ndarray, shift: int) -> np.ndarray:
         # rows walked as interleaved streams: normalize's row blocks, whole channels
         ("nchw", (16, 4, 300)),
         ("nchw", (9, 16, 1100)),
+        # groups of short rows: runs of 21 * 49 values, whole lines streamed after the blocks
+        ("nchw", (10, 26, 49)),
         ("nhwc", (301, 5)),
         ("nhwc", (97, 67)),
         ("nhwc", (40, 256)),
