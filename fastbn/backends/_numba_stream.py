@@ -10,6 +10,9 @@ of a block come before its stores, so the output's stores never stall the next l
 is ``stream_apply`` with ordinary stores, for the outputs that stay in cache: float32
 blocks are stored as the halves one vector of doubles rounds to (``_float32_lanes``).
 
+``stream_apply_line`` and ``stream_dx_line`` do the same for one cache line of the output
+(16 float32 or 8 float64 values), for the whole lines after the last block.
+
 The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`` on, and
 ``&y[i]`` on a cache line (the rows start with a head of ordinary stores), and it calls
 ``fence`` after its last block. Per-channel constants are either scalars (broadcast) or
@@ -46,31 +49,36 @@ def _check_arrays(*arrays) -> None:
             raise TypeError(f"expected a float32 or float64 array, got {a}")
 
 
-def _block_pointer(context, builder, arrty, arr, index, elem: ir.Type) -> ir.Value:
-    """``&arr[index]`` as a pointer to a vector of BLOCK elements."""
+def _block_pointer(context, builder, arrty, arr, index, elem: ir.Type, n: int) -> ir.Value:
+    """``&arr[index]`` as a pointer to a vector of n elements."""
     data = context.make_array(arrty)(context, builder, arr).data
-    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(elem, BLOCK).as_pointer())
+    return builder.bitcast(builder.gep(data, [index]), ir.VectorType(elem, n).as_pointer())
 
 
-def _load_f64(context, builder, arrty, arr, index) -> ir.Value:
-    """BLOCK values of arr from index, widened to float64 (exact for float32)."""
+def _load_f64(context, builder, arrty, arr, index, n: int) -> ir.Value:
+    """n values of arr from index, widened to float64 (exact for float32)."""
     elem = context.get_data_type(arrty.dtype)
     item = elem.get_abi_size(context.target_data)
-    v = builder.load(_block_pointer(context, builder, arrty, arr, index, elem), align=item)
-    return v if elem == _F64 else builder.fpext(v, ir.VectorType(_F64, BLOCK))
+    v = builder.load(_block_pointer(context, builder, arrty, arr, index, elem, n), align=item)
+    return v if elem == _F64 else builder.fpext(v, ir.VectorType(_F64, n))
 
 
-def _constant(context, builder, ty, value, offset) -> ir.Value:
-    """A per-channel constant as a vector: a scalar broadcast, or BLOCK values of a table."""
+def _constant(context, builder, ty, value, offset, n: int) -> ir.Value:
+    """A per-channel constant as a vector of n: a scalar broadcast, or n values of a table."""
     if isinstance(ty, types.Array):
-        return _load_f64(context, builder, ty, value, offset)
+        return _load_f64(context, builder, ty, value, offset, n)
     if ty != types.float64:
         value = context.cast(builder, value, ty, types.float64)
-    vec = ir.VectorType(_F64, BLOCK)
+    vec = ir.VectorType(_F64, n)
     one = builder.insert_element(ir.Constant(vec, ir.Undefined), value, ir.Constant(_I32, 0))
     return builder.shuffle_vector(
-        one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(_I32, BLOCK), [0] * BLOCK)
+        one, ir.Constant(vec, ir.Undefined), ir.Constant(ir.VectorType(_I32, n), [0] * n)
     )
+
+
+def _line(arr) -> int:
+    """Values of the array type ``arr`` in one cache line."""
+    return LINE // (arr.dtype.bitwidth // 8)
 
 
 def _float32_lanes() -> int:
@@ -86,25 +94,25 @@ def _float32_lanes() -> int:
 _LANES32 = _float32_lanes()
 
 
-def _store(context, builder, arrty, arr, index, value: ir.Value, nontemporal: bool) -> None:
-    """Round value to the array's dtype and store it at arr[index:]: with streaming stores
-    (``&arr[index]`` on a cache line) or ordinary ones (any alignment)."""
+def _store(context, builder, arrty, arr, index, value: ir.Value, nontemporal: bool, n: int):
+    """Round the n values of value to the array's dtype and store them at arr[index:]: with
+    streaming stores (``&arr[index]`` on a cache line) or ordinary ones (any alignment)."""
     elem = context.get_data_type(arrty.dtype)
     item = elem.get_abi_size(context.target_data)
-    lanes = BLOCK
+    lanes = n
     if elem != _F64:
-        value = builder.fptrunc(value, ir.VectorType(elem, BLOCK))
+        value = builder.fptrunc(value, ir.VectorType(elem, n))
         # Streaming stores stay whole vectors: stored in halves, they left half lines to the
         # write-combining buffers (numba's (32, 64, 3136) normalize 1.0-1.4x slower).
-        lanes = BLOCK if nontemporal else _LANES32
+        lanes = n if nontemporal else min(n, _LANES32)
     base = builder.bitcast(
-        _block_pointer(context, builder, arrty, arr, index, elem),
+        _block_pointer(context, builder, arrty, arr, index, elem, n),
         ir.VectorType(elem, lanes).as_pointer(),
     )
-    undef = ir.Constant(ir.VectorType(elem, BLOCK), ir.Undefined)
-    for k in range(BLOCK // lanes):
+    undef = ir.Constant(ir.VectorType(elem, n), ir.Undefined)
+    for k in range(n // lanes):
         part = value
-        if lanes < BLOCK:
+        if lanes < n:
             pick = ir.Constant(ir.VectorType(_I32, lanes), list(range(k * lanes, (k + 1) * lanes)))
             part = builder.shuffle_vector(value, undef, pick)
         at = builder.gep(base, [ir.Constant(_I32, k)])
@@ -124,16 +132,16 @@ def _check_constants(*constants) -> None:
             raise TypeError(f"a constant must be a float or a float64 array, got {c}")
 
 
-def _apply_codegen(nontemporal: bool):
+def _apply_codegen(nontemporal: bool, n: int):
     def codegen(context, builder, signature, args):
         tx, ty, _, tm, ts, tb, _ = signature.args
         ax, ay, idx, vm, vs, vb, off = args
-        v = _load_f64(context, builder, tx, ax, idx)
+        v = _load_f64(context, builder, tx, ax, idx, n)
         if not isinstance(tm, types.NoneType):
-            v = builder.fsub(v, _constant(context, builder, tm, vm, off))
-        v = builder.fmul(v, _constant(context, builder, ts, vs, off))
-        v = builder.fadd(v, _constant(context, builder, tb, vb, off))
-        _store(context, builder, ty, ay, idx, v, nontemporal)
+            v = builder.fsub(v, _constant(context, builder, tm, vm, off, n))
+        v = builder.fmul(v, _constant(context, builder, ts, vs, off, n))
+        v = builder.fadd(v, _constant(context, builder, tb, vb, off, n))
+        _store(context, builder, ty, ay, idx, v, nontemporal, n)
         return context.get_dummy_value()
 
     return codegen
@@ -145,7 +153,15 @@ def stream_apply(typingctx, x, y, i, m, sc, b, c):
     ``x * sc + b`` when ``m`` is None (float32: ``b`` holds the shifts, see ``apply``)."""
     _check_arrays(x, y)
     _check_constants(m, sc, b)
-    return types.void(x, y, i, m, sc, b, c), _apply_codegen(nontemporal=True)
+    return types.void(x, y, i, m, sc, b, c), _apply_codegen(True, BLOCK)
+
+
+@intrinsic
+def stream_apply_line(typingctx, x, y, i, m, sc, b, c):
+    """``stream_apply`` over one cache line of ``y`` (16 float32 or 8 float64 values)."""
+    _check_arrays(x, y)
+    _check_constants(m, sc, b)
+    return types.void(x, y, i, m, sc, b, c), _apply_codegen(True, _line(y))
 
 
 @intrinsic
@@ -153,7 +169,25 @@ def plain_apply(typingctx, x, y, i, m, sc, b, c):
     """``stream_apply`` with ordinary stores, at any index."""
     _check_arrays(x, y)
     _check_constants(m, sc, b)
-    return types.void(x, y, i, m, sc, b, c), _apply_codegen(nontemporal=False)
+    return types.void(x, y, i, m, sc, b, c), _apply_codegen(False, BLOCK)
+
+
+def _dx_codegen(n: int):
+    def codegen(context, builder, signature, args):
+        tg, tx, td, _, tm, tk, ta, tq, _ = signature.args
+        ag, ax, ad, idx, vm, vk, va, vq, off = args
+        gv = _load_f64(context, builder, tg, ag, idx, n)
+        xv = _load_f64(context, builder, tx, ax, idx, n)
+        left = builder.fsub(gv, _constant(context, builder, ta, va, off, n))
+        right = builder.fmul(
+            builder.fsub(xv, _constant(context, builder, tm, vm, off, n)),
+            _constant(context, builder, tq, vq, off, n),
+        )
+        v = builder.fmul(_constant(context, builder, tk, vk, off, n), builder.fsub(left, right))
+        _store(context, builder, td, ad, idx, v, True, n)
+        return context.get_dummy_value()
+
+    return codegen
 
 
 @intrinsic
@@ -161,23 +195,15 @@ def stream_dx(typingctx, g, x, d, i, m, k, a, q, c):
     """``d[i:i+BLOCK] = k * ((g - a) - (x - m) * q)`` over the block (constants as above)."""
     _check_arrays(g, x, d)
     _check_constants(m, k, a, q)
-    sig = types.void(g, x, d, i, m, k, a, q, c)
+    return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(BLOCK)
 
-    def codegen(context, builder, signature, args):
-        tg, tx, td, _, tm, tk, ta, tq, _ = signature.args
-        ag, ax, ad, idx, vm, vk, va, vq, off = args
-        gv = _load_f64(context, builder, tg, ag, idx)
-        xv = _load_f64(context, builder, tx, ax, idx)
-        left = builder.fsub(gv, _constant(context, builder, ta, va, off))
-        right = builder.fmul(
-            builder.fsub(xv, _constant(context, builder, tm, vm, off)),
-            _constant(context, builder, tq, vq, off),
-        )
-        v = builder.fmul(_constant(context, builder, tk, vk, off), builder.fsub(left, right))
-        _store(context, builder, td, ad, idx, v, nontemporal=True)
-        return context.get_dummy_value()
 
-    return sig, codegen
+@intrinsic
+def stream_dx_line(typingctx, g, x, d, i, m, k, a, q, c):
+    """``stream_dx`` over one cache line of ``d``."""
+    _check_arrays(g, x, d)
+    _check_constants(m, k, a, q)
+    return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(_line(d))
 
 
 @intrinsic
