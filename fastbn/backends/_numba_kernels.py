@@ -20,11 +20,13 @@ from ._numba_stream import (
     fence,
     output_constants,
     plain_apply,
+    request,
     span,
     stream_apply,
     stream_apply_line,
     stream_dx,
     stream_dx_line,
+    tile_deviations_line,
     wrap,
 )
 from .numba_cpu import (
@@ -506,7 +508,12 @@ def group_moments(x, c0, gl, m, m2):
     is summed over the samples in order (pos_*), then the positions of a channel
     (row_sum). One pass centred on ``K``, the mean of the first GROUP_TILE samples (summed
     first, then in cache): ``sd = sum(x - K)`` and ``sq = sum((x - K)**2)`` give
-    ``(K + sd/M, sq - sd**2/M)``, as the Cython kernels do.
+    ``(K + sd/M, sq - sd**2/M)``, as the Cython kernels do. The deviations take a tile of
+    GROUP_TILE samples a cache line of positions at a time (tile_deviations_line) and
+    request the same line of the next tile's samples after each (request): those runs are
+    on other pages, and requested line by line, as the Cython kernels' ``fastbn_rows_*`` do,
+    the (128, 512, 7, 7) statistics took 0.88-0.95 of the time (same bits; nothing
+    requested, the same time as the plain loop).
     """
     n_rows, _, s = x.shape
     x2, lo, hi = group_run(x, c0, gl)
@@ -524,12 +531,26 @@ def group_moments(x, c0, gl, m, m2):
             pos_add(x2[n, lo:hi], k)
     for j in range(gl):
         k[j * s : (j + 1) * s] = row_sum(k[j * s : (j + 1) * s]) / float(n0 * s)
+    xf = x.reshape(-1)
+    w = x2.shape[1]
+    width = hi - lo
+    step = LINE // x.itemsize  # one cache line of positions
+    lines = width - width % step
     n = 0
     while n + GROUP_TILE <= n_rows:
-        pos_tile_deviations(
-            x2[n, lo:hi], x2[n + 1, lo:hi], x2[n + 2, lo:hi], x2[n + 3, lo:hi],
-            x2[n + 4, lo:hi], x2[n + 5, lo:hi], x2[n + 6, lo:hi], x2[n + 7, lo:hi], k, sd, sq,
-        )  # fmt: skip
+        nnr = min(GROUP_TILE, n_rows - n - GROUP_TILE)
+        b = n * w + lo
+        for j in range(0, lines, step):
+            tile_deviations_line(xf, b, w, j, k, sd, sq)
+            for i in range(nnr):
+                request(xf, b + (GROUP_TILE + i) * w + j)
+        if lines < width:
+            pos_tile_deviations(
+                x2[n, lo + lines:hi], x2[n + 1, lo + lines:hi], x2[n + 2, lo + lines:hi],
+                x2[n + 3, lo + lines:hi], x2[n + 4, lo + lines:hi], x2[n + 5, lo + lines:hi],
+                x2[n + 6, lo + lines:hi], x2[n + 7, lo + lines:hi],
+                k[lines:], sd[lines:], sq[lines:],
+            )  # fmt: skip
         n += GROUP_TILE
     while n < n_rows:
         pos_deviations(x2[n, lo:hi], k, sd, sq)
