@@ -90,7 +90,7 @@ def test_naive_formula_fails_the_same_check(big):
 FLOAT32_SITES = [
     ("NCHW", (4, 16, 3136)),  # rows; numba: the fused per-channel training forward
     ("NCHW", (2, 3, 50001)),  # Cython: fused channels; numba: stripes
-    ("NCHW", (64, 40, 7, 7)),  # groups of short rows (position tables, two passes)
+    ("NCHW", (64, 40, 7, 7)),  # groups of short rows (position tables)
     ("NHWC", (3000, 24)),  # per-channel tables, wrapped when streamed
     ("NHWC", (8, 28, 28, 64)),
 ]

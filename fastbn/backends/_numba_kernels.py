@@ -18,8 +18,10 @@ from ._numba_stream import (
     apply,
     at,
     fence,
+    keep,
     output_constants,
     plain_apply,
+    positions,
     request,
     span,
     stream_apply,
@@ -27,6 +29,7 @@ from ._numba_stream import (
     stream_dx,
     stream_dx_line,
     tile_deviations_line,
+    unowned,
     wrap,
 )
 from .numba_cpu import (
@@ -39,6 +42,7 @@ from .numba_cpu import (
     NHWC_CHUNK,
     NHWC_ROW_MIN_C,
     STREAM_PARTS,
+    UNIT_SPANS,
     _cache_enabled,
 )
 
@@ -101,11 +105,11 @@ def rows4_deviations(x0, x1, x2, x3, m):
 def block_normalize(xb, mean, scale, bias, yb, stream):
     """Rows of a (channels, S) block: yb[j] = (xb[j] - mean[j]) * scale[j] + bias[j] (mean
     None: xb[j] * scale[j] + bias[j], see ``apply``), BLOCK values at a time (``plain_apply``
-    or ``stream_apply``), then the row's tail."""
+    or ``stream_apply``), then the row's tail. Streamed, the caller fences after its last
+    block (and passes unowned arrays: see ``unowned``)."""
     if stream:
         for j in range(xb.shape[0]):
             stream_normalize(xb[j], yb[j], at(mean, j), scale[j], bias[j], 1)
-        fence()
         return
     n = xb.shape[1]
     for j in range(xb.shape[0]):
@@ -162,11 +166,10 @@ def block_dx(db, xb, mean, k, shift, proj, outb, stream):
     blocks as ``plain_apply``'s). Inlined: the per-channel backward calls it once per row,
     and as a call it took 1.01x-1.08x the time on 2 threads (same process; (128, 512, 7, 7)
     and (32, 64, 56, 56) float32). ``block_normalize`` stays a call: inlined into
-    ``nchw_normalize`` it made the 7x7 normalize 4x slower."""
+    ``nchw_normalize`` it made the 7x7 normalize 4x slower. Streamed, as block_normalize."""
     if stream:
         for j in range(xb.shape[0]):
             stream_grad(db[j], xb[j], outb[j], mean[j], k[j], shift[j], proj[j], 1)
-        fence()
         return
     for j in range(xb.shape[0]):
         m = mean[j]
@@ -362,6 +365,19 @@ def stream_normalize(xf, yf, m, sc, b, n_ch):
     for j in range(i, n):
         yf[j] = apply(xf[j], at(m, c), at(sc, c), at(b, c))
         c = c + 1 if c + 1 < n_ch else 0
+
+
+@serial
+def plain_normalize(xf, yf, m, sc, b):
+    """yf = (xf - m) * sc + b (``apply``) over one run with tables of the run's positions,
+    BLOCK values at a time (``plain_apply``), then the tail."""
+    n = xf.shape[0]
+    i = 0
+    while i + BLOCK <= n:
+        plain_apply(xf, yf, i, m, sc, b, i)
+        i += BLOCK
+    for j in range(i, n):
+        yf[j] = apply(xf[j], at(m, j), sc[j], b[j])
 
 
 @serial
@@ -689,11 +705,13 @@ def merge_parts(part, mean, var):
 
 @parallel
 def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stream):
-    """One channel per work unit: its statistics, then its output while it is in cache.
-    Groups of short rows take two passes instead (numba_cpu._nchw_train_forward)."""
+    """One channel per work unit: its statistics, then its output while it is in cache
+    (groups of short rows: nchw_train_forward_groups)."""
     n_rows, n_ch, s = x.shape
     rows, blocks, piece, pieces = nchw_grid(n_rows, s)
     stream = stream and apart(y, x)
+    x = unowned(x)
+    y = unowned(y)
     for u in prange(n_ch):
         c0, gl, cnt, m, m2, t = nchw_unit_moments(x, u, 1, rows, blocks, piece, pieces)
         c1 = c0 + gl
@@ -706,8 +724,57 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
             invstd[c] = inv
             t[j] = weight[c] * inv
         mt, bt = output_constants(x, m[:gl], t[:gl], bias[c0:c1])
+        mu, tu, bu = unowned(mt), unowned(t), unowned(bt)
         for n in range(n_rows):
-            block_normalize(x[n, c0:c1], mt, t[:gl], bt, y[n, c0:c1], stream)
+            block_normalize(x[n, c0:c1], mu, tu[:gl], bu, y[n, c0:c1], stream)
+        if stream:
+            fence()
+        keep(m)
+        keep(t)
+        keep(bt)
+
+
+@parallel
+def nchw_train_forward_groups(x, weight, bias, eps, y, mean, var, invstd, stream):
+    """Groups of short rows (``nchw_group`` > 1): a group's statistics (group_moments),
+    then its output while it is in cache, sample by sample, each sample's run of ``gl * s``
+    values written at once with the constants of every position (stream_normalize with
+    tables of one run; ``stream``: the run is streamed). Same arithmetic as the
+    statistics followed by nchw_normalize, hence the same bits."""
+    n_rows, n_ch, s = x.shape
+    g = nchw_group(n_rows, n_ch, s)
+    w = n_ch * s
+    count = float(n_rows * s)
+    stream = stream and apart(y, x)
+    xf, yf = unowned(x).reshape(-1), unowned(y).reshape(-1)
+    for u in prange((n_ch + g - 1) // g):
+        c0 = u * g
+        gl = min(n_ch - c0, g)
+        m, m2, sc = np.empty((3, gl))
+        group_moments(x, c0, gl, m, m2)
+        for j in range(gl):
+            c = c0 + j
+            v = m2[j] / count
+            inv = 1.0 / math.sqrt(v + eps)
+            mean[c] = m[j]
+            var[c] = v
+            invstd[c] = inv
+            sc[j] = weight[c] * inv
+        mt, bt = output_constants(x, m, sc, bias[c0 : c0 + gl])
+        pm, ps, pb = positions(mt, s, gl), positions(sc, s, gl), positions(bt, s, gl)
+        mu, su, bu = unowned(pm), unowned(ps), unowned(pb)
+        run = gl * s
+        for n in range(n_rows):
+            o = n * w + c0 * s
+            if stream:
+                stream_normalize(xf[o : o + run], yf[o : o + run], mu, su, bu, run)
+            else:
+                plain_normalize(xf[o : o + run], yf[o : o + run], mu, su, bu)
+        if stream:
+            fence()
+        keep(pm)
+        keep(ps)
+        keep(pb)
 
 
 @parallel
@@ -720,11 +787,18 @@ def nchw_normalize(x, mean, scale, bias, y, stream):
     ng = (n_ch + g - 1) // g
     mt, bt = output_constants(x, mean, scale, bias)
     stream = stream and apart(y, x)
-    for u in prange(n_rows * ng):
-        n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
-        block_normalize(
-            x[n, c0:c1], span(mt, c0, c1), scale[c0:c1], bt[c0:c1], y[n, c0:c1], stream
-        )
+    x, y, scale, mu, bu = unowned(x), unowned(y), unowned(scale), unowned(mt), unowned(bt)
+    units = n_rows * ng
+    spans = min(units, UNIT_SPANS)
+    for p in prange(spans):
+        for u in range(p * units // spans, (p + 1) * units // spans):
+            n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
+            block_normalize(
+                x[n, c0:c1], span(mu, c0, c1), scale[c0:c1], bu[c0:c1], y[n, c0:c1], stream
+            )
+        if stream:
+            fence()
+    keep(bt)
 
 
 @parallel
@@ -762,11 +836,13 @@ def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy
     count = float(n_rows * s)
     g = nchw_group(n_rows, n_ch, s)
     stream = stream and apart(dx, dy) and apart(dx, x)
+    dy, x, mean, dx = unowned(dy), unowned(x), unowned(mean), unowned(dx)
     for u in prange((n_ch + g - 1) // g):
         c0 = u * g
         gl = min(n_ch - c0, g)
         c1 = c0 + gl
-        a, b, k, shift, proj = np.empty((5, g))
+        t = np.empty((5, g))
+        a, b, k, shift, proj = unowned(t)
         if g > 1:
             group_grad_sums(dy, x, c0, gl, mean, a, b)
         else:
@@ -790,6 +866,9 @@ def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy
                 dx[n, c0:c1],
                 stream,
             )
+        if stream:
+            fence()
+        keep(t)
 
 
 @parallel
@@ -799,18 +878,25 @@ def nchw_dx(dy, x, mean, k, shift, proj, dx, stream):
     g = nchw_group(n_rows, n_ch, s)
     ng = (n_ch + g - 1) // g
     stream = stream and apart(dx, dy) and apart(dx, x)
-    for u in prange(n_rows * ng):
-        n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
-        block_dx(
-            dy[n, c0:c1],
-            x[n, c0:c1],
-            mean[c0:c1],
-            k[c0:c1],
-            shift[c0:c1],
-            proj[c0:c1],
-            dx[n, c0:c1],
-            stream,
-        )
+    dy, x, dx = unowned(dy), unowned(x), unowned(dx)
+    mean, k, shift, proj = unowned(mean), unowned(k), unowned(shift), unowned(proj)
+    units = n_rows * ng
+    spans = min(units, UNIT_SPANS)
+    for p in prange(spans):
+        for u in range(p * units // spans, (p + 1) * units // spans):
+            n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
+            block_dx(
+                dy[n, c0:c1],
+                x[n, c0:c1],
+                mean[c0:c1],
+                k[c0:c1],
+                shift[c0:c1],
+                proj[c0:c1],
+                dx[n, c0:c1],
+                stream,
+            )
+        if stream:
+            fence()
 
 
 # ---------------------------------------------------------------- nhwc

@@ -12,8 +12,8 @@ Determinism comes from a chunk grid that depends on the shape only:
   its slice is still in cache (2 passes over memory instead of 3); with short rows a thread
   takes a group of adjacent channels and walks their rows sample by sample (contiguous
   runs), one partial per channel centred on the mean of its first ``GROUP_TILE`` samples
-  (``group_moments``); a training forward on such groups makes a statistics pass, then a
-  normalize pass (``_nchw_train_forward``). With fewer channels the
+  (``group_moments``), and a training forward writes a group's output while it is in cache,
+  sample by sample (``nchw_train_forward_groups``). With fewer channels the
   chunks of a channel are split into at most ``MAX_STRIPES`` fixed stripes, reduced in
   parallel and merged in stripe order.
 - nhwc: rows are cut into chunks of about ``NHWC_CHUNK`` values (whole rows), the chunks into at
@@ -72,6 +72,9 @@ GROUP_TILE = 8
 #: STREAM_MIN_RUN values and not in place, are written with streaming stores (the store
 #: rule of the Cython kernels; see ``_numba_stream``). Speed only: the bits are the same.
 STREAM_MIN_RUN = 256
+#: The elementwise NCHW kernels take their work units in at most this many spans, and fence
+#: their streaming stores once per span (a fence waits for them to reach memory).
+UNIT_SPANS = 256
 #: Values per streamed block (4 cache lines of float32).
 STREAM_BLOCK = 64
 #: The NHWC statistics and backward sums read a stripe of rows as STREAM_PARTS interleaved
@@ -328,32 +331,24 @@ def _nchw_stats(x, mean, var, nthreads):
 
 
 def _nchw_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
-    """Fused per channel (statistics, then the channel's output while it is in cache),
-    except for groups of short rows and for the stripes of few channels: statistics, then a
-    normalize pass. Same arithmetic, hence the same bits, either way.
+    """Fused per channel or per group of short rows (statistics, then the output while it
+    is in cache), except for the stripes of few channels: statistics, then a normalize
+    pass. Same arithmetic, hence the same bits, either way.
 
-    Short rows: the fused group kernel wrote ``y`` group by group, runs of a few KB pages
-    apart, and was slower than the two passes (2 threads, same process: ``(128, 512, 7,
-    7)`` 1.84 against 1.52 ms, ``(64, 128, 14, 14)`` 0.69 against 0.54 ms, ``(32, 512, 7,
-    7)`` 0.41 against 0.34 ms; one core, ``(128, 512, 7, 7)`` 2.34 against 1.61 ms). Flat
-    runs with per-position tables and software prefetch of the output lines did not help.
-    The fused backward has no such loss and stays fused.
+    Short rows: the fused group kernel lost to the two passes in earlier versions (2
+    threads, ``(128, 512, 7, 7)`` 1.84 against 1.52 ms) because each sample's run was
+    written by a call taking array views, and numba counts their references with locked
+    instructions, which wait for the streaming stores before them (see ``unowned`` of
+    _numba_stream). With the arrays unowned it takes 0.83-0.92 of the two passes' time
+    with the caches flushed first ((128, 512, 7, 7), same process, old against new
+    kernels; 0.89-1.02 warm).
     """
     k = _compiled()
-    if _per_channel_path(x) and k["nchw_group"](x.shape[0], x.shape[1], x.shape[2]) == 1:
-        _run(
-            k["nchw_train_forward_channels"],
-            nthreads,
-            x,
-            weight,
-            bias,
-            float(eps),
-            y,
-            mean,
-            var,
-            invstd,
-            _stream(y, _run_length(x)),
-        )
+    if _per_channel_path(x):
+        g = k["nchw_group"](x.shape[0], x.shape[1], x.shape[2])
+        fn = k["nchw_train_forward_channels" if g == 1 else "nchw_train_forward_groups"]
+        stream = _stream(y, _run_length(x) * g)
+        _run(fn, nthreads, x, weight, bias, float(eps), y, mean, var, invstd, stream)
         return
     _nchw_stats(x, mean, var, nthreads)
     _normalize_with(x, weight, bias, eps, y, mean, var, invstd, nthreads)
