@@ -17,7 +17,9 @@ Two more intrinsics serve the statistics of groups of short rows: ``tile_deviati
 sums the deviations of a tile of ``GROUP_TILE`` samples over one cache line of positions,
 so that the loop over the lines can ``request`` (prefetch) the next tile's lines between
 them (a vectorized loop with the requests inside is not vectorized; split into short spans
-it ran 1.2x-1.4x slower).
+it ran 1.2x-1.4x slower). ``unowned`` and ``keep`` let the kernels pass arrays to the
+functions they call per row without numba's reference counting, whose locked instructions
+wait for the streaming stores; ``positions`` makes a group's per-position tables.
 
 The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`` on, and
 ``&y[i]`` on a cache line (the rows start with a head of ordinary stores), and it calls
@@ -288,8 +290,8 @@ def unowned(a):
     call of a jitted function that takes the array or a view of it, and a locked
     instruction waits for the thread's streaming stores to reach memory, as a fence does:
     called per row, the streamed rows were written one at a time (the 7x7 group forward
-    written through a call per sample took 1.3x as long as with the call inlined; 16-21% of
-    the samples of a profile on the locked instructions). The kernels take their arrays
+    written through a call per sample took 1.23x-1.30x as long as with the call inlined;
+    16-21% of the samples of a profile on the locked instructions). The kernels take their arrays
     unowned before the loops that write streamed rows. The owner must outlive the unowned
     array: a kernel's arguments do (the caller holds them); a local array is passed to
     ``keep`` after the last use of its unowned copy.
