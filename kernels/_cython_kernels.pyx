@@ -120,6 +120,11 @@ cdef enum:
     _NCHW_GROUP_CACHE = 131072
     # ... and prefetches the runs of the sample this many samples ahead.
     _NCHW_GROUP_AHEAD = 2
+    # Rows of at least this many values are grouped only with _GROUP_TILE samples or more,
+    # and by the backward sums only when shorter than _NCHW_GROUP_BACKWARD_ROW (see
+    # _nchw_group).
+    _NCHW_GROUP_SHORT_ROW = 64
+    _NCHW_GROUP_BACKWARD_ROW = 320
     # A group's sample has at most this many values (G*S < NCHW_GROUP_VALUES + S), and its
     # reductions take this many samples at a time (_group_pass).
     _GROUP_W_MAX = 2 * _NCHW_GROUP_VALUES
@@ -293,7 +298,8 @@ cdef inline idx_t _nchw_stripe_len(idx_t C, idx_t M) noexcept nogil:
     return per * _NCHW_CHUNK
 
 
-cdef inline idx_t _nchw_group(idx_t C, idx_t S, idx_t M, int reread) noexcept nogil:
+cdef inline idx_t _nchw_group(idx_t C, idx_t S, idx_t M, int reread,
+                              bint backward) noexcept nogil:
     """Channels per work unit of the fused NCHW kernels (1: one channel at a time).
 
     With short rows (e.g. ``S = 49``) a channel is ``N`` scattered pieces of a few cache
@@ -308,7 +314,14 @@ cdef inline idx_t _nchw_group(idx_t C, idx_t S, idx_t M, int reread) noexcept no
     2), and at most ``NCHW_GROUP_MAX`` channels. The group kernels sum each position of a
     sample over the samples, then a channel's positions (``_nchw_group_moments``): a
     channel's results do not depend on ``G``, only on the shape taking the group path.
+    Those per-position sums pay only over enough samples and short rows: rows of
+    ``NCHW_GROUP_SHORT_ROW`` values or more are grouped from ``GROUP_TILE`` samples on, and
+    by the ``backward`` kernels below ``NCHW_GROUP_BACKWARD_ROW`` values only (the numba
+    backend's rule; measured there and here, see ``nchw_sum_group`` of its kernels).
     """
+    if S >= _NCHW_GROUP_SHORT_ROW and (
+            M // S < _GROUP_TILE or (backward and S >= _NCHW_GROUP_BACKWARD_ROW)):
+        return 1
     cdef idx_t g = _ceil_div(_NCHW_GROUP_VALUES, S)
     cdef idx_t most = _NCHW_GROUP_CACHE // (reread * M)
     if most < 3:  # runs of 1-2 channels cost more than a group spilling from L2
@@ -375,8 +388,8 @@ def grid(layout, shape):
         sl = _nchw_stripe_len(C, M)
         return {"chunk": _NCHW_CHUNK, "stripe": sl, "stripes": _ceil_div(M, sl),
                 "fused": _ceil_div(M, sl) == 1,
-                "group": _nchw_group(C, S, M, 1) if _ceil_div(M, sl) == 1 else 1,
-                "backward_group": _nchw_group(C, S, M, 2) if _ceil_div(M, sl) == 1 else 1,
+                "group": _nchw_group(C, S, M, 1, False) if _ceil_div(M, sl) == 1 else 1,
+                "backward_group": _nchw_group(C, S, M, 2, True) if _ceil_div(M, sl) == 1 else 1,
                 "streams": _nchw_part(S, 0, sl if sl < M else M)}
     if layout == "nhwc":
         R, C = shape
@@ -1122,7 +1135,7 @@ def nchw_stats(const floating[:, :, ::1] x, double[::1] mean, double[::1] var, i
     cdef double* pn
     cdef double* pm
     cdef double* pm2
-    cdef idx_t g = _nchw_group(C, S, M, 1) if ns == 1 else 1
+    cdef idx_t g = _nchw_group(C, S, M, 1, False) if ns == 1 else 1
     if g > 1:
         # Short rows: groups of channels, walked sample by sample (the fused kernels' grid).
         nt = _team(nthreads, _ceil_div(C, g), M * C)
@@ -1200,7 +1213,7 @@ def nchw_train_forward(const floating[:, :, ::1] x, const double[::1] weight,
     cdef double* pm
     cdef double* pm2
     cdef bint st = _use_stream(yp, xp, xp, M * C * sizeof(floating), S)
-    cdef idx_t g = _nchw_group(C, S, M, 1) if ns == 1 else 1
+    cdef idx_t g = _nchw_group(C, S, M, 1, False) if ns == 1 else 1
     if g > 1:
         # A group writes runs of g*S values (the last group's may be shorter).
         st = _use_stream(yp, xp, xp, M * C * sizeof(floating), (C - (C - 1) // g * g) * S)
@@ -1327,7 +1340,7 @@ def nchw_backward_reduce(const floating[:, :, ::1] dy, const floating[:, :, ::1]
     cdef double* sp = &sum_dy[0]
     cdef double* qp = &sum_dy_xmu[0]
     cdef double* ps
-    cdef idx_t g = _nchw_group(C, S, M, 1) if ns == 1 else 1
+    cdef idx_t g = _nchw_group(C, S, M, 1, True) if ns == 1 else 1
     if g > 1:
         # Short rows: the sums of the fused kernel's groups, walked sample by sample.
         nt = _team(nthreads, _ceil_div(C, g), M * C)
@@ -1402,7 +1415,7 @@ def nchw_backward_train(const floating[:, :, ::1] dy, const floating[:, :, ::1] 
     cdef double* ps
     cdef double inv
     cdef bint st = _use_stream(dp, gp, xp, M * C * sizeof(floating), S)
-    cdef idx_t g = _nchw_group(C, S, M, 2) if ns == 1 else 1
+    cdef idx_t g = _nchw_group(C, S, M, 2, True) if ns == 1 else 1
     if g > 1:
         # A group writes runs of g*S values (the last group's may be shorter).
         st = _use_stream(dp, gp, xp, M * C * sizeof(floating), (C - (C - 1) // g * g) * S)

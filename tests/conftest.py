@@ -91,6 +91,8 @@ SHAPES = [
     (5, 4, 33, 31),  # stripe path, rows do not divide CHUNK
     (200, 37, 7, 7),  # short rows: groups of 13 channels, the last one short; 3 row blocks
     (21, 100, 3, 3),  # short rows: groups of 64 + 36 channels, 21 samples = 8 + 8 + 5
+    (9, 20, 20, 20),  # rows of 400: forward groups of 3 channels, backward one at a time
+    (4, 18, 10, 10),  # rows of 100, 4 samples: one channel at a time
     # (N, C, D, H, W)
     (2, 3, 3, 4, 5),
     (3, 17, 2, 3, 3),

@@ -55,6 +55,8 @@ NCHW_SHAPES = [
     (16, 16, 1100),
     (100, 2, 1400),
     (160, 26, 49),  # short rows: training backward groups of 8 channels, forward of 16
+    (9, 20, 400),  # long rows: forward groups of 3 channels, backward one channel at a time
+    (4, 18, 100),  # few samples: one channel at a time
 ]
 NHWC_SHAPES = [
     (1, 1),
@@ -285,7 +287,13 @@ def test_grid_covers_stripes() -> None:
         n, _, s = shape
         assert g["backward_group"] <= g["group"], shape
         assert g["backward_group"] * 2 * n * s <= 131072 or g["backward_group"] <= 3, shape
-        assert g["backward_group"] > 1 or g["group"] == 1, shape
+        assert g["backward_group"] > 1 or g["group"] == 1 or s >= 320, shape
+    # Rows of 64 values or more: grouped from 8 samples on, by the backward below 320.
+    assert ext.grid("nchw", (9, 20, 400))["group"] > 1
+    assert ext.grid("nchw", (9, 20, 400))["backward_group"] == 1
+    assert ext.grid("nchw", (9, 20, 196))["backward_group"] > 1
+    assert ext.grid("nchw", (4, 18, 100))["group"] == 1
+    assert ext.grid("nchw", (4, 18, 49))["group"] > 1
     # Channels read as interleaved streams, whole and in stripes.
     assert any(g["streams"] and g["fused"] and g["group"] == 1 for g in nchw)
     assert any(g["streams"] and g["stripes"] > 1 for g in nchw)

@@ -64,6 +64,11 @@ MIN_CHANNELS_PER_CHANNEL_PATH = 16
 GROUP_VALUES = 1024
 GROUP_MAX = 64
 GROUP_CACHE = 131072
+#: Rows of at least GROUP_SHORT_ROW values are summed by group only with GROUP_TILE
+#: samples or more, and by the backward only when shorter than GROUP_BACKWARD_ROW values
+#: (``nchw_sum_group``).
+GROUP_SHORT_ROW = 64
+GROUP_BACKWARD_ROW = 320
 #: A group's statistics are centred on the mean of its first GROUP_TILE samples, and its
 #: per-position sums take GROUP_TILE samples at a time (``pos_tile_*`` take exactly 8).
 GROUP_TILE = 8
@@ -345,7 +350,7 @@ def _nchw_train_forward(x, weight, bias, eps, y, mean, var, invstd, nthreads):
     """
     k = _compiled()
     if _per_channel_path(x):
-        g = k["nchw_group"](x.shape[0], x.shape[1], x.shape[2])
+        g = k["nchw_sum_group"](x.shape[0], x.shape[1], x.shape[2], False)
         fn = k["nchw_train_forward_channels" if g == 1 else "nchw_train_forward_groups"]
         stream = _stream(y, _run_length(x) * g)
         _run(fn, nthreads, x, weight, bias, float(eps), y, mean, var, invstd, stream)
