@@ -51,6 +51,9 @@ NHWC_CHUNK = 32768
 #: NHWC rows of at least this many channels are read as STREAM_PARTS interleaved streams of
 #: rows by the statistics and the backward sums (``row_parts`` of _numba_kernels).
 NHWC_ROW_MIN_C = 64
+#: NHWC rows of fewer channels are summed as one flat run cut into periods of whole rows
+#: (``nhwc_period`` of _numba_kernels), not as columns.
+NHWC_PERIOD_C = 16
 #: Upper bound on the number of stripes a reduction is split into (temporary memory
 #: is O(C * MAX_STRIPES)).
 MAX_STRIPES = 16
