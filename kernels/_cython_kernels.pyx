@@ -132,6 +132,10 @@ cdef enum:
     _NHWC_CHUNK = 32768
     # NHWC statistics read rows of at least this many channels as streams (_nhwc_part).
     _NHWC_ROW_MIN_C = 64
+    # NHWC rows of fewer channels are summed as a flat run in periods of whole rows
+    # (_nhwc_period_acc), at most _NHWC_PERIOD_MAX values each.
+    _NHWC_PERIOD_C = 16
+    _NHWC_PERIOD_MAX = 128
     _NHWC_MAX_STRIPES = 32
     # Below this many values a call runs on one thread (same grid, hence same result).
     _SERIAL_WORK = 32768
@@ -1505,6 +1509,59 @@ cdef inline void _nhwc_rows_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, 
                 fastbn_rows_add_f64(x + r * C, FBN_STREAMS, part * C, C, kc, 0, 0)
 
 
+cdef inline idx_t _nhwc_period(idx_t C) noexcept nogil:
+    """Values per period of the flat NHWC sums (``_nhwc_period_acc``): a multiple of ``C``
+    and of 8, at least 64; 0 from ``_NHWC_PERIOD_C`` channels on (rows summed as such)."""
+    cdef idx_t a = C, b = 8, t
+    if C >= _NHWC_PERIOD_C:
+        return 0
+    while b:
+        t = a % b
+        a = b
+        b = t
+    t = C * 8 // a
+    return t * _ceil_div(64, t)
+
+
+cdef void _nhwc_period_acc(const floating* g, const floating* x, idx_t C, idx_t ra,
+                           idx_t rb, idx_t per, int op, const double* m, double* a,
+                           double* b) noexcept nogil:
+    """Rows ``[ra, rb)`` of narrow rows (``C < _NHWC_PERIOD_C``) onto per-channel
+    accumulators as ``_group_tile``'s ``op`` (0: ``a += x``; 1: ``a += x - m``, ``b +=
+    (x - m)**2``; 2: ``a += g``, ``b += g*(x - m)``).
+
+    Summed row after row (``_cols_*``, ``_nhwc_bsums``), a channel is one chain of additions,
+    each waiting for the one before: with 3 channels, 3 chains, far below memory speed. The
+    rows are read instead as one flat run cut into periods of ``per`` values (whole rows:
+    position ``p`` is channel ``p % C``), each position summed over the periods,
+    ``_GROUP_TILE`` at a time, then folded into its channel in order; the rows of an
+    unfinished period follow row by row. (The numba backend's ``nhwc_period``.)
+    """
+    cdef double pa[_NHWC_PERIOD_MAX]
+    cdef double pb[_NHWC_PERIOD_MAX]
+    cdef double mp[_NHWC_PERIOD_MAX]
+    cdef idx_t k = per // C, n = (rb - ra) // k, q, p, j, c
+    cdef int nr
+    cdef const floating* xf = x + ra * C
+    cdef const floating* gf = (g if op == 2 else x) + ra * C
+    for p in range(per):
+        pa[p] = 0.0
+        pb[p] = 0.0
+        mp[p] = m[p % C] if op else 0.0
+    q = 0
+    while q < n:
+        nr = <int>(n - q if n - q < _GROUP_TILE else _GROUP_TILE)
+        _group_tile(gf + q * per, xf + q * per, nr, per, per, op, mp, pa, pb, 0)
+        q += nr
+    for j in range(k):
+        for c in range(C):
+            a[c] += pa[j * C + c]
+            if op:
+                b[c] += pb[j * C + c]
+    if n * k < rb - ra:
+        _group_tile(gf + n * per, xf + n * per, <int>(rb - ra - n * k), C, C, op, m, a, b, 0)
+
+
 cdef inline void _nhwc_chunk_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, bint dev,
                                  double* kc, double* sd, double* sdd) noexcept nogil:
     """Rows ``[ra, rb)`` in order into ``kc`` (``dev`` false: ``kc = sum(x)``) or ``sd``,
@@ -1517,6 +1574,13 @@ cdef inline void _nhwc_chunk_acc(const floating* x, idx_t C, idx_t ra, idx_t rb,
     once per tile). The additions, and so the bits, are the same either way.
     """
     cdef idx_t r, c
+    cdef idx_t per = _nhwc_period(C)
+    if per:
+        if not dev:
+            for c in range(C):
+                kc[c] = -0.0  # -0.0 + v is v, signed zeros included: the sum from row ra
+        _nhwc_period_acc(x, x, C, ra, rb, per, dev, kc, sd if dev else kc, sdd)
+        return
     if (C * sizeof(floating)) % 2048:
         if dev:
             _cols_dev_sq(x + ra * C, rb - ra, C, kc, sd, sdd)
@@ -1667,12 +1731,16 @@ cdef void _nhwc_bsums(const floating* dy, const floating* x, idx_t C, idx_t r0, 
     """
     cdef idx_t r, c
     cdef idx_t part = (r1 - r0) // FBN_STREAMS if C >= _NHWC_ROW_MIN_C else 0
+    cdef idx_t per = _nhwc_period(C)
     cdef const floating* gr
     cdef const floating* xr
     cdef double g
     for c in range(C):
         sdy[c] = 0.0
         sxm[c] = 0.0
+    if per:
+        _nhwc_period_acc(dy, x, C, r0, r1, per, 2, m, sdy, sxm)
+        return
     for r in range(r0, r0 + part):
         if floating is float:
             fastbn_rows_sum_dot_f32(dy + r * C, x + r * C, FBN_STREAMS, part * C, C, m,
