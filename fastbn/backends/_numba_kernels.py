@@ -29,6 +29,7 @@ from ._numba_stream import (
     stream_dx,
     stream_dx_line,
     tile_deviations_line,
+    tile_grad_sums_line,
     unowned,
     wrap,
 )
@@ -229,23 +230,26 @@ def cols_dx(db, xb, mean, k, shift, proj, outb):
 # on each row's addition before the next (one chain per channel: 3 channels, 3 chains), so
 # a block's whole rows are read as one flat run instead, cut into periods of ``per`` values
 # (a multiple of the channel count: position p of every period is channel p % C), each
-# position summed over the periods, GROUP_TILE periods at a time (pos_tile_*, as the
-# groups of short NCHW rows), then the positions folded into their channels in order (the
-# rows of an unfinished period follow by cols_*). Same process, old against new kernels,
-# 2 threads, float32: (262144, 4) statistics 0.54, training forward 0.40, backward 0.91 of
-# the time; (8*56*56, 3) 0.41, 0.52, 0.64; (65536, 8) 0.53-0.78, 0.62-0.76, 1.02-1.10; from
-# 16 channels on no gain ((32768, 16) 0.92, 0.92, 1.09), at 32 and 48 a loss (1.3x-1.5x).
-# The scratch must be allocated array by array: arrays unpacked from one 2-D allocation
-# are typed non-contiguous, and the pos_* loops on them were not vectorized (2-4x slower).
+# position summed over the periods, GROUP_TILE periods at a time (tile_deviations_line and
+# tile_grad_sums_line, a cache line of positions each, as the groups of short NCHW rows;
+# the first sum of a stripe by pos_tile_add), then the positions folded into their channels
+# in order (the rows of an unfinished period follow by cols_*). Same process, old against
+# new kernels, 2 threads, float32: (262144, 4) statistics 0.22, training forward 0.36,
+# backward 0.47 of the time; (75264, 3) 0.20, 0.43, 0.67; (65536, 8) 0.50, 0.62, 0.74;
+# (32768, 15) 0.57, 0.76, 0.82; (4096, 16), above the bound, 0.90-1.02 (at 32 and 48
+# channels the periods were 1.3x-1.5x slower than the columns). The scratch must be
+# allocated array by array: arrays unpacked from one 2-D allocation are typed
+# non-contiguous, and the loops on them were not vectorized (2-4x slower).
 
 
 @serial
 def nhwc_period(n_ch):
-    """Values per period of the flat NHWC sums: a multiple of n_ch and of 8, at least 64
-    (0: rows of NHWC_PERIOD_C channels or more, summed as columns)."""
+    """Values per period of the flat NHWC sums: a multiple of n_ch and of 16 (whole cache
+    lines of float32 positions), at least 64 (0: rows of NHWC_PERIOD_C channels or more,
+    summed as columns)."""
     if n_ch >= NHWC_PERIOD_C:
         return 0
-    step = n_ch * 8 // math.gcd(n_ch, 8)
+    step = n_ch * 16 // math.gcd(n_ch, 16)
     return step * ((64 + step - 1) // step)
 
 
@@ -303,12 +307,10 @@ def period_deviations(xb, per, m, sd, sq, pa, pb, mp):
     pa[:] = 0.0
     pb[:] = 0.0
     q = 0
+    step = LINE // xb.itemsize
     while q + GROUP_TILE <= n:
-        pos_tile_deviations(
-            period(xf, q, per), period(xf, q + 1, per), period(xf, q + 2, per),
-            period(xf, q + 3, per), period(xf, q + 4, per), period(xf, q + 5, per),
-            period(xf, q + 6, per), period(xf, q + 7, per), mp, pa, pb,
-        )  # fmt: skip
+        for j in range(0, per, step):
+            tile_deviations_line(xf, q * per, per, j, mp, pa, pb)
         q += GROUP_TILE
     while q < n:
         pos_deviations(period(xf, q, per), mp, pa, pb)
@@ -330,15 +332,10 @@ def period_grad_sums(db, xb, per, mean, a, b, pa, pb, mp):
     pa[:] = 0.0
     pb[:] = 0.0
     q = 0
+    step = LINE // xb.itemsize
     while q + GROUP_TILE <= n:
-        pos_tile_grad_sums(
-            period(gf, q, per), period(gf, q + 1, per), period(gf, q + 2, per),
-            period(gf, q + 3, per), period(gf, q + 4, per), period(gf, q + 5, per),
-            period(gf, q + 6, per), period(gf, q + 7, per),
-            period(xf, q, per), period(xf, q + 1, per), period(xf, q + 2, per),
-            period(xf, q + 3, per), period(xf, q + 4, per), period(xf, q + 5, per),
-            period(xf, q + 6, per), period(xf, q + 7, per), mp, pa, pb,
-        )  # fmt: skip
+        for j in range(0, per, step):
+            tile_grad_sums_line(gf, xf, q * per, per, j, mp, pa, pb)
         q += GROUP_TILE
     while q < n:
         pos_grad_sums(period(gf, q, per), period(xf, q, per), mp, pa, pb)

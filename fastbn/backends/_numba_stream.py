@@ -17,9 +17,11 @@ Two more intrinsics serve the statistics of groups of short rows: ``tile_deviati
 sums the deviations of a tile of ``GROUP_TILE`` samples over one cache line of positions,
 so that the loop over the lines can ``request`` (prefetch) the next tile's lines between
 them (a vectorized loop with the requests inside is not vectorized; split into short spans
-it ran 1.2x-1.4x slower). ``unowned`` and ``keep`` let the kernels pass arrays to the
-functions they call per row without numba's reference counting, whose locked instructions
-wait for the streaming stores; ``positions`` makes a group's per-position tables.
+it ran 1.2x-1.4x slower); it and ``tile_grad_sums_line`` (the backward sums) also sum the
+periods of narrow NHWC rows (``nhwc_period`` of _numba_kernels). ``unowned`` and ``keep``
+let the kernels pass arrays to the functions they call per row without numba's reference
+counting, whose locked instructions wait for the streaming stores; ``positions`` makes a
+group's per-position tables.
 
 The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`` on, and
 ``&y[i]`` on a cache line (the rows start with a head of ordinary stores), and it calls
@@ -244,6 +246,39 @@ def tile_deviations_line(typingctx, x, b, w, j, k, sd, sq):
         if not isinstance(a, types.Array) or a.dtype != types.float64:
             raise TypeError(f"expected a float64 array, got {a}")
     return types.void(x, b, w, j, k, sd, sq), _tile_deviations_codegen
+
+
+def _tile_grad_sums_codegen(context, builder, signature, args):
+    tg, tx, _, _, _, tm, ta, tb = signature.args
+    ag, ax, ab, aw, aj, vm, va, vb = args
+    n = _line(tx)
+    mv = _load_f64(context, builder, tm, vm, aj, n)
+    av = _load_f64(context, builder, ta, va, aj, n)
+    bv = _load_f64(context, builder, tb, vb, aj, n)
+    for i in range(TILE):
+        at = builder.add(builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i))), aj)
+        e = _load_f64(context, builder, tg, ag, at, n)
+        av = builder.fadd(av, e)
+        bv = builder.fadd(
+            bv, builder.fmul(e, builder.fsub(_load_f64(context, builder, tx, ax, at, n), mv))
+        )
+    _store(context, builder, ta, va, aj, av, False, n)
+    _store(context, builder, tb, vb, aj, bv, False, n)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def tile_grad_sums_line(typingctx, g, x, b, w, j, m, sa, sb):
+    """``tile_deviations_line`` for the backward sums: ``sa[j] += e_0 + ... + e_7`` and
+    ``sb[j] += e_0 * (x_0 - m[j]) + ... + e_7 * (x_7 - m[j])`` with ``e_i = g[b + i*w + j]``
+    and ``x_i = x[b + i*w + j]``, in that order (``pos_tile_grad_sums``'s operations)."""
+    _check_arrays(g, x)
+    if g.dtype != x.dtype:
+        raise TypeError(f"g and x must have one dtype, got {g} and {x}")
+    for a in (m, sa, sb):
+        if not isinstance(a, types.Array) or a.dtype != types.float64:
+            raise TypeError(f"expected a float64 array, got {a}")
+    return types.void(g, x, b, w, j, m, sa, sb), _tile_grad_sums_codegen
 
 
 @intrinsic
