@@ -267,6 +267,15 @@ def period(xf, q, per):
 
 
 @inline
+def period_start(m, n_ch, mp, pa, pb):
+    """mp[p] = m[p % C] (the per-channel constants by position); pa = pb = 0."""
+    for p in range(mp.shape[0]):
+        mp[p] = m[p % n_ch]
+    pa[:] = 0.0
+    pb[:] = 0.0
+
+
+@inline
 def fold_periods(pa, n_ch, acc):
     """acc[c] += pa[c] + pa[c + C] + ... (the positions of channel c, in order)."""
     for j in range(pa.shape[0] // n_ch):
@@ -297,52 +306,36 @@ def period_add(xb, per, acc, pa):
 
 
 @serial
-def period_deviations(xb, per, m, sd, sq, pa, pb, mp):
-    """cols_deviations on a (rows, C) block by periods (pa, pb, mp: scratch)."""
+def period_sums(db, xb, per, m, a, b, pa, pb, mp):
+    """cols_deviations (db None: a += x - m, b += (x - m)**2) or cols_grad_sums (a += dy,
+    b += dy * (x - m)) on (rows, C) blocks by periods (pa, pb, mp: scratch)."""
     n_ch = xb.shape[1]
     xf, rows = period_run(xb, per)
     n = xf.shape[0] // per
-    for p in range(per):
-        mp[p] = m[p % n_ch]
-    pa[:] = 0.0
-    pb[:] = 0.0
+    period_start(m, n_ch, mp, pa, pb)
     q = 0
     step = LINE // xb.itemsize
-    while q + GROUP_TILE <= n:
-        for j in range(0, per, step):
-            tile_deviations_line(xf, q * per, per, j, mp, pa, pb)
-        q += GROUP_TILE
-    while q < n:
-        pos_deviations(period(xf, q, per), mp, pa, pb)
-        q += 1
-    fold_periods(pa, n_ch, sd)
-    fold_periods(pb, n_ch, sq)
-    cols_deviations(xb[rows:], m, sd, sq)
-
-
-@serial
-def period_grad_sums(db, xb, per, mean, a, b, pa, pb, mp):
-    """cols_grad_sums on (rows, C) blocks by periods (pa, pb, mp: scratch)."""
-    n_ch = xb.shape[1]
-    gf = period_run(db, per)[0]
-    xf, rows = period_run(xb, per)
-    n = xf.shape[0] // per
-    for p in range(per):
-        mp[p] = mean[p % n_ch]
-    pa[:] = 0.0
-    pb[:] = 0.0
-    q = 0
-    step = LINE // xb.itemsize
-    while q + GROUP_TILE <= n:
-        for j in range(0, per, step):
-            tile_grad_sums_line(gf, xf, q * per, per, j, mp, pa, pb)
-        q += GROUP_TILE
-    while q < n:
-        pos_grad_sums(period(gf, q, per), period(xf, q, per), mp, pa, pb)
-        q += 1
+    if db is None:
+        while q + GROUP_TILE <= n:
+            for j in range(0, per, step):
+                tile_deviations_line(xf, q * per, per, j, mp, pa, pb)
+            q += GROUP_TILE
+        for r in range(q, n):
+            pos_deviations(period(xf, r, per), mp, pa, pb)
+    else:
+        gf = period_run(db, per)[0]
+        while q + GROUP_TILE <= n:
+            for j in range(0, per, step):
+                tile_grad_sums_line(gf, xf, q * per, per, j, mp, pa, pb)
+            q += GROUP_TILE
+        for r in range(q, n):
+            pos_grad_sums(period(gf, r, per), period(xf, r, per), mp, pa, pb)
     fold_periods(pa, n_ch, a)
     fold_periods(pb, n_ch, b)
-    cols_grad_sums(db[rows:], xb[rows:], mean, a, b)
+    if db is None:
+        cols_deviations(xb[rows:], m, a, b)
+    else:
+        cols_grad_sums(db[rows:], xb[rows:], m, a, b)
 
 
 # Per-position sums of a group of short NCHW rows (group_moments): a sample of channels
@@ -1159,7 +1152,7 @@ def nhwc_stats_stripes(x, rows, stripes, counts, means, m2s):
             if streamed:
                 rows_deviations(x, ra, rb, part, kc, sd, sq)
             elif per:
-                period_deviations(x[ra:rb], per, kc, sd, sq, pa, pb, mp)
+                period_sums(None, x[ra:rb], per, kc, sd, sq, pa, pb, mp)
             else:
                 cols_deviations(x[ra:rb], kc, sd, sq)
             n = cnt + nb
@@ -1261,7 +1254,7 @@ def nhwc_backward_reduce_stripes(dy, x, mean, stripes, sums_dy, sums_dy_xmu):
         per = nhwc_period(x.shape[1])
         if per:
             pa, pb, mp = np.empty(per), np.empty(per), np.empty(per)
-            period_grad_sums(dy[r0:r1], x[r0:r1], per, mean, a, b, pa, pb, mp)
+            period_sums(dy[r0:r1], x[r0:r1], per, mean, a, b, pa, pb, mp)
         else:
             cols_grad_sums(dy[r0:r1], x[r0:r1], mean, a, b)
 
