@@ -236,8 +236,8 @@ def cols_dx(db, xb, mean, k, shift, proj, outb):
 # in order (the rows of an unfinished period follow by cols_*). Same process, old against
 # new kernels, 2 threads, float32: (262144, 4) statistics 0.22, training forward 0.36,
 # backward 0.47 of the time; (75264, 3) 0.20, 0.43, 0.67; (65536, 8) 0.50, 0.62, 0.74;
-# (32768, 15) 0.57, 0.76, 0.82; (4096, 16), above the bound, 0.90-1.02 (at 32 and 48
-# channels the periods were 1.3x-1.5x slower than the columns). The scratch must be
+# (32768, 15) 0.57, 0.76, 0.82; at 16-48 channels periods took 0.92-1.04 of the columns'
+# time (no gain), so the columns stay there. The scratch must be
 # allocated array by array: arrays unpacked from one 2-D allocation are typed
 # non-contiguous, and the loops on them were not vectorized (2-4x slower).
 
