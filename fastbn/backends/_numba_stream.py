@@ -17,11 +17,11 @@ Two more intrinsics serve the statistics of groups of short rows: ``tile_deviati
 sums the deviations of a tile of ``GROUP_TILE`` samples over one cache line of positions,
 so that the loop over the lines can ``request`` (prefetch) the next tile's lines between
 them (a vectorized loop with the requests inside is not vectorized; split into short spans
-it ran 1.2x-1.4x slower); it and ``tile_grad_sums_line`` (the backward sums) also sum the
-periods of narrow NHWC rows (``nhwc_period`` of _numba_kernels). ``unowned`` and ``keep``
-let the kernels pass arrays to the functions they call per row without numba's reference
-counting, whose locked instructions wait for the streaming stores; ``positions`` makes a
-group's per-position tables.
+it ran 1.2x-1.4x slower); it, ``tile_add_line`` and ``tile_grad_sums_line`` (the backward
+sums) also sum the periods of narrow NHWC rows (``nhwc_period`` of _numba_kernels).
+``unowned`` and ``keep`` let the kernels pass arrays to the functions they call per row
+without numba's reference counting, whose locked instructions wait for the streaming
+stores; ``positions`` makes a group's per-position tables.
 
 The caller guarantees the preconditions: unit stride, ``BLOCK`` values from ``i`` on, and
 ``&y[i]`` on a cache line (the rows start with a head of ordinary stores), and it calls
@@ -246,6 +246,28 @@ def tile_deviations_line(typingctx, x, b, w, j, k, sd, sq):
         if not isinstance(a, types.Array) or a.dtype != types.float64:
             raise TypeError(f"expected a float64 array, got {a}")
     return types.void(x, b, w, j, k, sd, sq), _tile_deviations_codegen
+
+
+def _tile_add_codegen(context, builder, signature, args):
+    tx, _, _, _, ta = signature.args
+    ax, ab, aw, aj, va = args
+    n = _line(tx)
+    av = _load_f64(context, builder, ta, va, aj, n)
+    for i in range(TILE):
+        at = builder.add(builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i))), aj)
+        av = builder.fadd(av, _load_f64(context, builder, tx, ax, at, n))
+    _store(context, builder, ta, va, aj, av, False, n)
+    return context.get_dummy_value()
+
+
+@intrinsic
+def tile_add_line(typingctx, x, b, w, j, acc):
+    """``tile_deviations_line`` for a plain sum: ``acc[j] += x_0 + ... + x_7`` with ``x_i =
+    x[b + i*w + j]``, in that order (``pos_tile_add``'s operations)."""
+    _check_arrays(x)
+    if not isinstance(acc, types.Array) or acc.dtype != types.float64:
+        raise TypeError(f"expected a float64 array, got {acc}")
+    return types.void(x, b, w, j, acc), _tile_add_codegen
 
 
 def _tile_grad_sums_codegen(context, builder, signature, args):
