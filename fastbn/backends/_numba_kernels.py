@@ -746,6 +746,17 @@ def group_grad_sums(dy, x, c0, gl, mean, a, b):
 
 
 @inline
+def nchw_units(x):
+    """(g, ng, units, spans) of the elementwise NCHW kernels on x: a work unit is one
+    sample's group of g channels (ng groups per sample), taken in at most UNIT_SPANS spans."""
+    n_rows, n_ch, s = x.shape
+    g = nchw_group(n_rows, n_ch, s)
+    ng = (n_ch + g - 1) // g
+    units = n_rows * ng
+    return g, ng, units, min(units, UNIT_SPANS)
+
+
+@inline
 def nchw_unit_block(u, ng, g, n_ch):
     """(sample, first channel, end channel) of elementwise work unit u (ng groups of g)."""
     n = u // ng
@@ -920,14 +931,11 @@ def nchw_normalize(x, mean, scale, bias, y, stream):
     """y = (x - mean) * scale + bias (float32: ``output_constants``), one (sample, channel
     group) block per work unit; streamed row by row (a walk of four rows at a time, as the
     Cython kernels write, was 1.3-1.5x slower here)."""
-    n_rows, n_ch, s = x.shape
-    g = nchw_group(n_rows, n_ch, s)
-    ng = (n_ch + g - 1) // g
+    g, ng, units, spans = nchw_units(x)
     mt, bt = output_constants(x, mean, scale, bias)
     stream = stream and apart(y, x)
     x, y, scale, mu, bu = unowned(x), unowned(y), unowned(scale), unowned(mt), unowned(bt)
-    units = n_rows * ng
-    spans = min(units, UNIT_SPANS)
+    n_ch = x.shape[1]
     for p in prange(spans):
         for u in range(p * units // spans, (p + 1) * units // spans):
             n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
@@ -1012,14 +1020,11 @@ def nchw_backward_train_channels(dy, x, mean, invstd, weight, dx, sum_dy, sum_dy
 @parallel
 def nchw_dx(dy, x, mean, k, shift, proj, dx, stream):
     """dx = k*(dy - shift - (x - mean)*proj) per channel, one block per work unit."""
-    n_rows, n_ch, s = x.shape
-    g = nchw_group(n_rows, n_ch, s)
-    ng = (n_ch + g - 1) // g
+    g, ng, units, spans = nchw_units(x)
     stream = stream and apart(dx, dy) and apart(dx, x)
     dy, x, dx = unowned(dy), unowned(x), unowned(dx)
     mean, k, shift, proj = unowned(mean), unowned(k), unowned(shift), unowned(proj)
-    units = n_rows * ng
-    spans = min(units, UNIT_SPANS)
+    n_ch = x.shape[1]
     for p in prange(spans):
         for u in range(p * units // spans, (p + 1) * units // spans):
             n, c0, c1 = nchw_unit_block(u, ng, g, n_ch)
