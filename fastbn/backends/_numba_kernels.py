@@ -37,6 +37,7 @@ from ._numba_stream import (
 from .numba_cpu import (
     _FASTMATH,
     CHUNK,
+    COL_TILE,
     GROUP_BACKWARD_ROW,
     GROUP_CACHE,
     GROUP_MAX,
@@ -185,18 +186,43 @@ def block_dx(db, xb, mean, k, shift, proj, outb, stream):
             outb[j, i] = kj * (db[j, i] - a - (xb[j, i] - m) * q)
 
 
+# Column sums of a (rows, C) block take COL_TILE rows at a time, each column's accumulator
+# loaded once, added to down the tile's rows in order and stored once (the same additions
+# as row by row): row by row, every row waited on the store and reload of the row before.
+
+
 @reduction
 def cols_add(xb, acc):
-    """acc[j] += sum of column j of the (rows, C) block xb, row after row."""
-    for r in range(xb.shape[0]):
+    """acc[j] += sum of column j of the (rows, C) block xb, rows in order."""
+    n = xb.shape[0]
+    t = n - n % COL_TILE
+    for r in range(0, t, COL_TILE):
+        for j in range(xb.shape[1]):
+            a = acc[j]
+            for i in range(COL_TILE):
+                a += xb[r + i, j]
+            acc[j] = a
+    for r in range(t, n):
         for j in range(xb.shape[1]):
             acc[j] += xb[r, j]
 
 
 @reduction
 def cols_deviations(xb, m, sd, sq):
-    """sd[j] += sum(xb[:, j] - m[j]) and sq[j] += sum((xb[:, j] - m[j])**2), row by row."""
-    for r in range(xb.shape[0]):
+    """sd[j] += sum(xb[:, j] - m[j]) and sq[j] += sum((xb[:, j] - m[j])**2), rows in order."""
+    n = xb.shape[0]
+    t = n - n % COL_TILE
+    for r in range(0, t, COL_TILE):
+        for j in range(xb.shape[1]):
+            a = sd[j]
+            b = sq[j]
+            for i in range(COL_TILE):
+                dev = xb[r + i, j] - m[j]
+                a += dev
+                b += dev * dev
+            sd[j] = a
+            sq[j] = b
+    for r in range(t, n):
         for j in range(xb.shape[1]):
             dev = xb[r, j] - m[j]
             sd[j] += dev
@@ -212,8 +238,20 @@ def cols_normalize(xb, mean, scale, bias, yb):
 
 @reduction
 def cols_grad_sums(db, xb, mean, a, b):
-    """a[j] += sum(dy[:, j]) and b[j] += sum(dy[:, j] * (x[:, j] - mean[j])), row by row."""
-    for r in range(xb.shape[0]):
+    """a[j] += sum(dy[:, j]) and b[j] += sum(dy[:, j] * (x[:, j] - mean[j])), rows in order."""
+    n = xb.shape[0]
+    t = n - n % COL_TILE
+    for r in range(0, t, COL_TILE):
+        for j in range(xb.shape[1]):
+            sa = a[j]
+            sb = b[j]
+            for i in range(COL_TILE):
+                g = db[r + i, j] * 1.0
+                sa += g
+                sb += g * (xb[r + i, j] - mean[j])
+            a[j] = sa
+            b[j] = sb
+    for r in range(t, n):
         for j in range(xb.shape[1]):
             g = db[r, j] * 1.0
             a[j] += g

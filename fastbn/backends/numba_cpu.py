@@ -54,6 +54,8 @@ NHWC_ROW_MIN_C = 64
 #: NHWC rows of fewer channels are summed as one flat run cut into periods of whole rows
 #: (``nhwc_period`` of _numba_kernels), not as columns.
 NHWC_PERIOD_C = 16
+#: Rows per tile of the NHWC column sums (``cols_*`` of _numba_kernels).
+COL_TILE = 8
 #: Upper bound on the number of stripes a reduction is split into (temporary memory
 #: is O(C * MAX_STRIPES)).
 MAX_STRIPES = 16
