@@ -21,6 +21,7 @@ from ._numba_stream import (
     keep,
     output_constants,
     plain_apply,
+    plain_dx,
     positions,
     request,
     span,
@@ -229,13 +230,6 @@ def cols_deviations(xb, m, sd, sq):
             sq[j] += dev * dev
 
 
-@serial
-def cols_normalize(xb, mean, scale, bias, yb):
-    for r in range(xb.shape[0]):
-        for j in range(xb.shape[1]):
-            yb[r, j] = apply(xb[r, j], at(mean, j), scale[j], bias[j])
-
-
 @reduction
 def cols_grad_sums(db, xb, mean, a, b):
     """a[j] += sum(dy[:, j]) and b[j] += sum(dy[:, j] * (x[:, j] - mean[j])), rows in order."""
@@ -256,13 +250,6 @@ def cols_grad_sums(db, xb, mean, a, b):
             g = db[r, j] * 1.0
             a[j] += g
             b[j] += g * (xb[r, j] - mean[j])
-
-
-@serial
-def cols_dx(db, xb, mean, k, shift, proj, outb):
-    for r in range(xb.shape[0]):
-        for j in range(xb.shape[1]):
-            outb[r, j] = k[j] * (db[r, j] - shift[j] - (xb[r, j] - mean[j]) * proj[j])
 
 
 # NHWC rows of fewer than NHWC_PERIOD_C channels: column sums down the rows (cols_*) wait
@@ -531,6 +518,39 @@ def plain_normalize(xf, yf, m, sc, b):
         i += BLOCK
     for j in range(i, n):
         yf[j] = apply(xf[j], at(m, j), sc[j], b[j])
+
+
+@serial
+def run_normalize(xf, yf, m, sc, b, n_ch):
+    """``stream_normalize`` with ordinary stores (``plain_apply``): a run of whole rows of
+    n_ch channels and wrapped tables, a block from any channel on."""
+    n = xf.shape[0]
+    i = 0
+    c = 0
+    step = BLOCK % n_ch
+    while i + BLOCK <= n:
+        plain_apply(xf, yf, i, m, sc, b, c)
+        i += BLOCK
+        c = next_channel(c, step, n_ch)
+    for j in range(i, n):
+        yf[j] = apply(xf[j], at(m, c), at(sc, c), at(b, c))
+        c = c + 1 if c + 1 < n_ch else 0
+
+
+@serial
+def run_grad(gf, xf, df, m, k, a, q, n_ch):
+    """``stream_grad`` with ordinary stores (``plain_dx``), as ``run_normalize``."""
+    n = xf.shape[0]
+    i = 0
+    c = 0
+    step = BLOCK % n_ch
+    while i + BLOCK <= n:
+        plain_dx(gf, xf, df, i, m, k, a, q, c)
+        i += BLOCK
+        c = next_channel(c, step, n_ch)
+    for j in range(i, n):
+        df[j] = k[c] * (gf[j] - a[c] - (xf[j] - m[c]) * q[c])
+        c = c + 1 if c + 1 < n_ch else 0
 
 
 @serial
@@ -1271,13 +1291,18 @@ def nhwc_normalize(x, mean, scale, bias, y, runs):
             stream_normalize(xf[a:e], yf[a:e], mw, sw, bw, n_ch)
             fence()
         return
+    mw, sw, bw = wrap(mt, BLOCK), wrap(scale, BLOCK), wrap(bt, BLOCK)
+    xu, yu, mu, su, bu = unowned(xf), unowned(yf), unowned(mw), unowned(sw), unowned(bw)
     nk = (n_rows + rows - 1) // rows
-    for k in prange(nk):
+    for u in prange(nk):
         # Last chunk first, each thread's in reverse: the rows that the statistics (or the
         # backward's sums) read last are still in cache. Elementwise: same bits.
-        r0 = (nk - 1 - k) * rows
-        r1 = min(n_rows, r0 + rows)
-        cols_normalize(x[r0:r1], mt, scale, bt, y[r0:r1])
+        a = (nk - 1 - u) * rows * n_ch
+        e = min(n_rows, (nk - u) * rows) * n_ch
+        run_normalize(xu[a:e], yu[a:e], mu, su, bu, n_ch)
+    keep(mw)
+    keep(sw)
+    keep(bw)
 
 
 @parallel
@@ -1327,8 +1352,15 @@ def nhwc_dx(dy, x, mean, k, shift, proj, dx, runs):
             stream_grad(gf[a:e], xf[a:e], df[a:e], mt, kt, st, pt, n_ch)
             fence()
         return
+    mw, kw, sw, pw = wrap(mean, BLOCK), wrap(k, BLOCK), wrap(shift, BLOCK), wrap(proj, BLOCK)
+    gu, xu, du = unowned(gf), unowned(xf), unowned(df)
+    mu, ku, su, pu = unowned(mw), unowned(kw), unowned(sw), unowned(pw)
     nk = (n_rows + rows - 1) // rows
     for u in prange(nk):
-        r0 = (nk - 1 - u) * rows  # last chunk first, as nhwc_normalize
-        r1 = min(n_rows, r0 + rows)
-        cols_dx(dy[r0:r1], x[r0:r1], mean, k, shift, proj, dx[r0:r1])
+        a = (nk - 1 - u) * rows * n_ch  # last chunk first, as nhwc_normalize
+        e = min(n_rows, (nk - u) * rows) * n_ch
+        run_grad(gu[a:e], xu[a:e], du[a:e], mu, ku, su, pu, n_ch)
+    keep(mw)
+    keep(kw)
+    keep(sw)
+    keep(pw)

@@ -183,7 +183,7 @@ def plain_apply(typingctx, x, y, i, m, sc, b, c):
     return types.void(x, y, i, m, sc, b, c), _apply_codegen(False, BLOCK)
 
 
-def _dx_codegen(n: int):
+def _dx_codegen(nontemporal: bool, n: int):
     def codegen(context, builder, signature, args):
         tg, tx, td, _, tm, tk, ta, tq, _ = signature.args
         ag, ax, ad, idx, vm, vk, va, vq, off = args
@@ -195,7 +195,7 @@ def _dx_codegen(n: int):
             _constant(context, builder, tq, vq, off, n),
         )
         v = builder.fmul(_constant(context, builder, tk, vk, off, n), builder.fsub(left, right))
-        _store(context, builder, td, ad, idx, v, True, n)
+        _store(context, builder, td, ad, idx, v, nontemporal, n)
         return context.get_dummy_value()
 
     return codegen
@@ -206,7 +206,7 @@ def stream_dx(typingctx, g, x, d, i, m, k, a, q, c):
     """``d[i:i+BLOCK] = k * ((g - a) - (x - m) * q)`` over the block (constants as above)."""
     _check_arrays(g, x, d)
     _check_constants(m, k, a, q)
-    return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(BLOCK)
+    return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(True, BLOCK)
 
 
 @intrinsic
@@ -214,7 +214,15 @@ def stream_dx_line(typingctx, g, x, d, i, m, k, a, q, c):
     """``stream_dx`` over one cache line of ``d``."""
     _check_arrays(g, x, d)
     _check_constants(m, k, a, q)
-    return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(_line(d))
+    return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(True, _line(d))
+
+
+@intrinsic
+def plain_dx(typingctx, g, x, d, i, m, k, a, q, c):
+    """``stream_dx`` with ordinary stores, at any index."""
+    _check_arrays(g, x, d)
+    _check_constants(m, k, a, q)
+    return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(False, BLOCK)
 
 
 def _tile_deviations_codegen(context, builder, signature, args):
