@@ -101,7 +101,7 @@ cdef extern from "_stream_stores.h":
     # NHWC runs of whole rows; the constants are wrapped tables (fastbn_wrap).
     enum: FBN_SBLOCK
     enum: FBN_STREAMS
-    void fastbn_wrap(double* t, const double* v, Py_ssize_t C) noexcept nogil
+    void fastbn_wrap(double* t, const double* v, Py_ssize_t C, Py_ssize_t n) noexcept nogil
     void fastbn_apply_cols_nt_f32(const float* x, float* y, Py_ssize_t n, Py_ssize_t C,
                                   const double* sc, const double* shift) noexcept nogil
     void fastbn_apply_cols_nt_f64(const double* x, double* y, Py_ssize_t n, Py_ssize_t C,

@@ -285,12 +285,12 @@ FBN_DEFINE_ROWS_NT(f64, double)
 
 /* NHWC: a run of n values of whole rows of C channels, value i in channel i % C, walked as
  * one flat array so that the body is on whole lines whatever C (row by row, every row of a
- * numpy array would start mid-line). The per-channel constants are wrapped tables of
- * C + FBN_SBLOCK values, t[j] = t[j % C] (fastbn_wrap), so the block that starts at channel
- * c reads its constants at t + c. Same expressions as the _cols loops of _elementwise.h
+ * numpy array would start mid-line). The per-channel constants are wrapped tables of n
+ * values (at least C + FBN_SBLOCK), t[j] = t[j % C] (fastbn_wrap), so the block that starts
+ * at channel c reads its constants at t + c. Same expressions as the _cols loops of _elementwise.h
  * (float32 applies take the scales and the shifts, float64 ones the means, scales and biases). */
-static inline void fastbn_wrap(double* t, const double* v, ptrdiff_t C) {
-    for (ptrdiff_t j = 0; j < C + FBN_SBLOCK; j++) t[j] = v[j % C];
+static inline void fastbn_wrap(double* t, const double* v, ptrdiff_t C, ptrdiff_t n) {
+    for (ptrdiff_t j = 0; j < n; j++) t[j] = v[j % C];
 }
 #define FBN_NEXT(c, k, C) ((c) = ((c) + (k)) % (C))
 /* y = x * sc[c] + s[c] (float32; s: shifts, see fastbn_apply_f32) */
