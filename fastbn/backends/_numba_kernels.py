@@ -14,6 +14,7 @@ from numba import njit, prange
 from ._numba_stream import (
     BLOCK,
     LINE,
+    VECTOR,
     apart,
     apply,
     at,
@@ -21,6 +22,7 @@ from ._numba_stream import (
     keep,
     output_constants,
     plain_apply,
+    plain_apply_vector,
     plain_dx,
     positions,
     request,
@@ -129,6 +131,9 @@ def block_normalize(xb, mean, scale, bias, yb, stream):
         while i + BLOCK <= n:
             plain_apply(xr, yr, i, m, sc, b, 0)
             i += BLOCK
+        while i + VECTOR <= n:
+            plain_apply_vector(xr, yr, i, m, sc, b, 0)
+            i += VECTOR
         for r in range(i, n):
             yr[r] = apply(xr[r], m, sc, b)
 
@@ -516,6 +521,9 @@ def plain_normalize(xf, yf, m, sc, b):
     while i + BLOCK <= n:
         plain_apply(xf, yf, i, m, sc, b, i)
         i += BLOCK
+    while i + VECTOR <= n:
+        plain_apply_vector(xf, yf, i, m, sc, b, i)
+        i += VECTOR
     for j in range(i, n):
         yf[j] = apply(xf[j], at(m, j), sc[j], b[j])
 
@@ -531,6 +539,11 @@ def run_normalize(xf, yf, m, sc, b, n_ch):
     while i + BLOCK <= n:
         plain_apply(xf, yf, i, m, sc, b, c)
         i += BLOCK
+        c = next_channel(c, step, n_ch)
+    step = VECTOR % n_ch
+    while i + VECTOR <= n:
+        plain_apply_vector(xf, yf, i, m, sc, b, c)
+        i += VECTOR
         c = next_channel(c, step, n_ch)
     for j in range(i, n):
         yf[j] = apply(xf[j], at(m, c), at(sc, c), at(b, c))

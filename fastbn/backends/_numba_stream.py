@@ -49,6 +49,9 @@ from .numba_cpu import STREAM_BLOCK as BLOCK
 
 #: Bytes of the alignment the body starts on (a cache line).
 LINE = 64
+#: Values of the pieces a row's tail is written in after its blocks (``plain_apply_vector``):
+#: one AVX-512 vector of float64.
+VECTOR = 8
 
 _X86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686", "x86")
 _F64 = ir.DoubleType()
@@ -182,6 +185,14 @@ def plain_apply(typingctx, x, y, i, m, sc, b, c):
     _check_arrays(x, y)
     _check_constants(m, sc, b)
     return types.void(x, y, i, m, sc, b, c), _apply_codegen(False, BLOCK)
+
+
+@intrinsic
+def plain_apply_vector(typingctx, x, y, i, m, sc, b, c):
+    """``plain_apply`` over ``VECTOR`` values (a row's tail after its blocks)."""
+    _check_arrays(x, y)
+    _check_constants(m, sc, b)
+    return types.void(x, y, i, m, sc, b, c), _apply_codegen(False, VECTOR)
 
 
 def _dx_codegen(nontemporal: bool, n: int):
