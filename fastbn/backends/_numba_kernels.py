@@ -790,7 +790,9 @@ def group_moments(x, c0, gl, m, m2):
 
 @inline
 def group_grad_sums(dy, x, c0, gl, mean, a, b):
-    """a[j], b[j] = sum(dy) and sum(dy*(x-mean)) of channel c0 + j (as group_moments)."""
+    """a[j], b[j] = sum(dy) and sum(dy*(x-mean)) of channel c0 + j (as group_moments, a
+    tile's cache line of positions at a time, tile_grad_sums_line, the next tile's lines of
+    both arrays requested after each)."""
     n_rows, _, s = x.shape
     g2 = group_run(dy, c0, gl)[0]
     x2, lo, hi = group_run(x, c0, gl)
@@ -799,14 +801,30 @@ def group_grad_sums(dy, x, c0, gl, mean, a, b):
     m = np.empty(gl * s)
     for j in range(gl):
         m[j * s : (j + 1) * s] = mean[c0 + j]
+    gf = dy.reshape(-1)
+    xf = x.reshape(-1)
+    w = x2.shape[1]
+    width = hi - lo
+    step = LINE // x.itemsize
+    lines = width - width % step
     n = 0
     while n + GROUP_TILE <= n_rows:
-        pos_tile_grad_sums(
-            g2[n, lo:hi], g2[n + 1, lo:hi], g2[n + 2, lo:hi], g2[n + 3, lo:hi],
-            g2[n + 4, lo:hi], g2[n + 5, lo:hi], g2[n + 6, lo:hi], g2[n + 7, lo:hi],
-            x2[n, lo:hi], x2[n + 1, lo:hi], x2[n + 2, lo:hi], x2[n + 3, lo:hi],
-            x2[n + 4, lo:hi], x2[n + 5, lo:hi], x2[n + 6, lo:hi], x2[n + 7, lo:hi], m, pa, pb,
-        )  # fmt: skip
+        nnr = min(GROUP_TILE, n_rows - n - GROUP_TILE)
+        b0 = n * w + lo
+        for j in range(0, lines, step):
+            tile_grad_sums_line(gf, xf, b0, w, j, m, pa, pb)
+            for i in range(nnr):
+                request(gf, b0 + (GROUP_TILE + i) * w + j)
+                request(xf, b0 + (GROUP_TILE + i) * w + j)
+        if lines < width:
+            t0, t1 = lo + lines, hi
+            pos_tile_grad_sums(
+                g2[n, t0:t1], g2[n + 1, t0:t1], g2[n + 2, t0:t1], g2[n + 3, t0:t1],
+                g2[n + 4, t0:t1], g2[n + 5, t0:t1], g2[n + 6, t0:t1], g2[n + 7, t0:t1],
+                x2[n, t0:t1], x2[n + 1, t0:t1], x2[n + 2, t0:t1], x2[n + 3, t0:t1],
+                x2[n + 4, t0:t1], x2[n + 5, t0:t1], x2[n + 6, t0:t1], x2[n + 7, t0:t1],
+                m[lines:], pa[lines:], pb[lines:],
+            )  # fmt: skip
         n += GROUP_TILE
     while n < n_rows:
         pos_grad_sums(g2[n, lo:hi], x2[n, lo:hi], m, pa, pb)
