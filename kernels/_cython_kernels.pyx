@@ -292,6 +292,15 @@ cdef inline idx_t _ceil_div(idx_t a, idx_t b) noexcept nogil:
     return (a + b - 1) // b
 
 
+cdef inline idx_t _gcd(idx_t a, idx_t b) noexcept nogil:
+    cdef idx_t t
+    while b:
+        t = a % b
+        a = b
+        b = t
+    return a
+
+
 cdef inline idx_t _nchw_stripe_len(idx_t C, idx_t M) noexcept nogil:
     """Length (in values, a multiple of the chunk) of one stripe of an NCHW channel."""
     cdef idx_t nchunks = _ceil_div(M, _NCHW_CHUNK)
@@ -1517,14 +1526,10 @@ cdef inline void _nhwc_rows_acc(const floating* x, idx_t C, idx_t ra, idx_t rb, 
 cdef inline idx_t _nhwc_period(idx_t C) noexcept nogil:
     """Values per period of the flat NHWC sums (``_nhwc_period_acc``): a multiple of ``C``
     and of 8, at least 64; 0 from ``_NHWC_PERIOD_C`` channels on (rows summed as such)."""
-    cdef idx_t a = C, b = 8, t
+    cdef idx_t t
     if C >= _NHWC_PERIOD_C:
         return 0
-    while b:
-        t = a % b
-        a = b
-        b = t
-    t = C * 8 // a
+    t = C * 8 // _gcd(C, 8)
     return t * _ceil_div(64, t)
 
 
@@ -1710,14 +1715,10 @@ cdef inline idx_t _nhwc_slice_rows(idx_t C) noexcept nogil:
     rows of fewer than ``_NHWC_SLICE_C`` channels the most that make a multiple of 16 values
     (whole vectors) of at most ``_NHWC_SLICE`` values; wider rows one at a time (slices of 8
     rows of 64 channels took 1.08x-1.11x as long, same process, 2 threads)."""
-    cdef idx_t a = C, b = 16, t
+    cdef idx_t t
     if C >= _NHWC_SLICE_C:
         return 1
-    while b:
-        t = a % b
-        a = b
-        b = t
-    t = 16 // a  # rows per multiple of 16 values
+    t = 16 // _gcd(C, 16)  # rows per multiple of 16 values
     return _NHWC_SLICE // (t * C) * t
 
 

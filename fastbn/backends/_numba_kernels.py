@@ -513,25 +513,11 @@ def stream_normalize(xf, yf, m, sc, b, n_ch):
 
 
 @serial
-def plain_normalize(xf, yf, m, sc, b):
-    """yf = (xf - m) * sc + b (``apply``) over one run with tables of the run's positions,
-    BLOCK values at a time (``plain_apply``), then the tail."""
-    n = xf.shape[0]
-    i = 0
-    while i + BLOCK <= n:
-        plain_apply(xf, yf, i, m, sc, b, i)
-        i += BLOCK
-    while i + VECTOR <= n:
-        plain_apply_vector(xf, yf, i, m, sc, b, i)
-        i += VECTOR
-    for j in range(i, n):
-        yf[j] = apply(xf[j], at(m, j), sc[j], b[j])
-
-
-@serial
 def run_normalize(xf, yf, m, sc, b, n_ch):
     """``stream_normalize`` with ordinary stores (``plain_apply``): a run of whole rows of
-    n_ch channels and wrapped tables, a block from any channel on."""
+    n_ch channels and wrapped tables, a block from any channel on, then the tail 8 values
+    at a time (``plain_apply_vector``); with ``n_ch`` the run's length, tables of the run's
+    positions."""
     n = xf.shape[0]
     i = 0
     c = 0
@@ -1007,7 +993,7 @@ def nchw_train_forward_groups(x, weight, bias, eps, y, mean, var, invstd, stream
             if stream:
                 stream_normalize(xf[o : o + run], yf[o : o + run], mu, su, bu, run)
             else:
-                plain_normalize(xf[o : o + run], yf[o : o + run], mu, su, bu)
+                run_normalize(xf[o : o + run], yf[o : o + run], mu, su, bu, run)
         if stream:
             fence()
         keep(pm)
