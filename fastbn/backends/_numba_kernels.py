@@ -1294,21 +1294,21 @@ def nhwc_merge(counts, means, m2s, mean, var):
 def nhwc_normalize(x, mean, scale, bias, y, runs):
     """y = (x - mean) * scale + bias (float32: ``output_constants``). With ``runs > 0`` and
     ``y`` not ``x``, y is streamed as that many runs of whole rows (one per thread; the
-    split does not change the bits), which read wrapped tables (see stream_normalize)."""
+    split does not change the bits), else written a chunk of rows at a time (run_normalize);
+    both read wrapped tables (see stream_normalize)."""
     n_rows, n_ch = x.shape
     rows = max(1, NHWC_CHUNK // n_ch)
     xf = x.reshape(-1)
     yf = y.reshape(-1)
     mt, bt = output_constants(x, mean, scale, bias)
+    mw, sw, bw = wrap(mt, BLOCK), wrap(scale, BLOCK), wrap(bt, BLOCK)
     if runs and apart(y, x):
-        mw, sw, bw = wrap(mt, BLOCK), wrap(scale, BLOCK), wrap(bt, BLOCK)
         for t in prange(runs):
             a = t * n_rows // runs * n_ch
             e = (t + 1) * n_rows // runs * n_ch
             stream_normalize(xf[a:e], yf[a:e], mw, sw, bw, n_ch)
             fence()
         return
-    mw, sw, bw = wrap(mt, BLOCK), wrap(scale, BLOCK), wrap(bt, BLOCK)
     xu, yu, mu, su, bu = unowned(xf), unowned(yf), unowned(mw), unowned(sw), unowned(bw)
     nk = (n_rows + rows - 1) // rows
     for u in prange(nk):
@@ -1354,22 +1354,21 @@ def add_rows(parts, out):
 
 @parallel
 def nhwc_dx(dy, x, mean, k, shift, proj, dx, runs):
-    """dx per channel; ``runs`` as in nhwc_normalize (streamed runs read wrapped tables,
-    see stream_grad)."""
+    """dx per channel; ``runs`` as in nhwc_normalize (the runs read wrapped tables, see
+    stream_grad and run_grad)."""
     n_rows, n_ch = x.shape
     rows = max(1, NHWC_CHUNK // n_ch)
     gf = dy.reshape(-1)
     xf = x.reshape(-1)
     df = dx.reshape(-1)
+    mw, kw, sw, pw = wrap(mean, BLOCK), wrap(k, BLOCK), wrap(shift, BLOCK), wrap(proj, BLOCK)
     if runs and apart(dx, dy) and apart(dx, x):
-        mt, kt, st, pt = wrap(mean, BLOCK), wrap(k, BLOCK), wrap(shift, BLOCK), wrap(proj, BLOCK)
         for t in prange(runs):
             a = t * n_rows // runs * n_ch
             e = (t + 1) * n_rows // runs * n_ch
-            stream_grad(gf[a:e], xf[a:e], df[a:e], mt, kt, st, pt, n_ch)
+            stream_grad(gf[a:e], xf[a:e], df[a:e], mw, kw, sw, pw, n_ch)
             fence()
         return
-    mw, kw, sw, pw = wrap(mean, BLOCK), wrap(k, BLOCK), wrap(shift, BLOCK), wrap(proj, BLOCK)
     gu, xu, du = unowned(gf), unowned(xf), unowned(df)
     mu, ku, su, pu = unowned(mw), unowned(kw), unowned(sw), unowned(pw)
     nk = (n_rows + rows - 1) // rows
