@@ -1739,7 +1739,7 @@ cdef void _nhwc_apply(const floating* x, floating* y, idx_t C, idx_t r0, idx_t r
     channels cost a call each ((100352, 3) float32 inference took 4.5x the time of slices,
     and 7x-9x that of the NCHW layout).
     """
-    cdef idx_t r = r0, k = _nhwc_slice_rows(C), e
+    cdef idx_t r = r0, rows = _nhwc_slice_rows(C), e
     if stream:
         if floating is float:
             fastbn_apply_cols_nt_f32(x + r0 * C, y + r0 * C, (r1 - r0) * C, C, sc, b)
@@ -1748,7 +1748,7 @@ cdef void _nhwc_apply(const floating* x, floating* y, idx_t C, idx_t r0, idx_t r
         fastbn_sfence()
         return
     while r < r1:
-        e = r + k if r + k < r1 else r1
+        e = r + rows if r + rows < r1 else r1
         _apply_cols(x + r * C, y + r * C, (e - r) * C, m, sc, b)
         r = e
 
