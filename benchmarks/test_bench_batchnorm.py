@@ -5,6 +5,7 @@ Every case of :func:`fastbn.bench.default_cases` (the tool's default table: (32,
 fastbn CPU backend (fresh output and ``out=``) and on plain NumPy. Tests of one case share
 a ``benchmark.group``, so pytest-benchmark's table compares the implementations directly.
 Peers (PyTorch, ONNX Runtime) and the copy roofline are measured by ``fastbn-bench``.
+``test_layout_pairs`` puts both layouts of a few more shapes side by side.
 """
 
 from __future__ import annotations
@@ -54,6 +55,40 @@ def test_batchnorm(
                 "nbytes": case.nbytes,
                 "passes": bench.PASSES[case.op][0],
             }
+        )
+        benchmark(func)
+
+
+#: Shapes outside the default table on which one layout once took several times the other's
+#: time (found by sweeps of both layouts; 3-24 channels channels-last, rows of 100 values
+#: channels-first). Each shape and operation is one group holding both layouts on every
+#: fastbn CPU backend (``out=``), so pytest-benchmark's table shows their ratio.
+LAYOUT_PAIR_SHAPES = [(8, 3, 112, 112), (32, 16, 28, 28), (32, 24, 28, 28), (32, 64, 10, 10)]
+
+
+def _layout_pair_params() -> list[object]:
+    return [
+        pytest.param(case, impl, id=f"{case.id}-{impl}")
+        for case in bench.default_cases(LAYOUT_PAIR_SHAPES)
+        for impl in bench.fastbn_backends()
+    ]
+
+
+@pytest.mark.parametrize(("case", "impl"), _layout_pair_params())
+def test_layout_pairs(
+    benchmark: object,
+    case_data: Callable[[bench.Case], bench.Data],
+    case: bench.Case,
+    impl: str,
+) -> None:
+    data = case_data(case)
+    func = bench.make_callable(impl, case, data, "out", THREADS)
+    with fastbn.num_threads(THREADS):
+        func()
+        dims = "x".join(map(str, case.shape))
+        benchmark.group = f"layouts {case.op}-{dims}-{case.dtype} {THREADS} thread(s)"
+        benchmark.extra_info.update(
+            {"shape": list(case.shape), "layout": case.layout, "op": case.op, "impl": impl}
         )
         benchmark(func)
 
