@@ -9,7 +9,8 @@ of a block come before its stores, so the output's stores never stall the next l
 (see ``kernels/_elementwise.h``). Same bits as the plain loops (tested). ``plain_apply``
 is ``stream_apply`` with ordinary stores, for the outputs that stay in cache: float32
 blocks are stored as the halves one vector of doubles rounds to (``_float32_lanes``);
-``plain_dx`` is ``stream_dx`` so (the NHWC ``dx`` not streamed).
+``plain_dx`` is ``stream_dx`` so (the NHWC ``dx`` not streamed); ``plain_apply_vector``
+writes ``VECTOR`` values of a row's tail after its blocks.
 
 ``stream_apply_line`` and ``stream_dx_line`` do the same for one cache line of the output
 (16 float32 or 8 float64 values), for the whole lines after the last block.
