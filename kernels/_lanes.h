@@ -23,9 +23,9 @@
 
 #if FASTBN_SIMD
     #define FBN_NV (16 / FBN_W)
-    #define FBN_LOAD_LANES(V, p) \
+    #define FBN_LOAD_LANES(V, p)                                                             \
         for (int v_ = 0; v_ < FBN_NV; v_++) V[v_] = fbn_loadd((p) + v_ * FBN_W)
-    #define FBN_STORE_LANES(p, V) \
+    #define FBN_STORE_LANES(p, V)                                                            \
         for (int v_ = 0; v_ < FBN_NV; v_++) fbn_storeu((p) + v_ * FBN_W, V[v_])
 #endif
 
@@ -182,7 +182,7 @@ FBN_DEFINE_LANES(f64, double, fbn_loadd)
         {                                                                                    \
             fbn_vd va[FBN_NV];                                                               \
             double t_[16];                                                                   \
-            for (int v = 0; v < FBN_NV; v++) va[v] = LOADV(x + (c0) + v * FBN_W);           \
+            for (int v = 0; v < FBN_NV; v++) va[v] = LOADV(x + (c0) + v * FBN_W);            \
             for (ptrdiff_t r = 1; r < rows; r++)                                             \
                 for (int v = 0; v < FBN_NV; v++)                                             \
                     va[v] = fbn_add(va[v], LOADV(x + r * C + (c0) + v * FBN_W));             \
@@ -259,49 +259,87 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
         if (nnr && !((c * (ptrdiff_t)sizeof(*(P))) & 63))                                    \
             for (int j = 0; j < nnr; j++)                                                    \
                 _mm_prefetch((const char*)((P) + ahead + j * d + c), _MM_HINT_T1);
-    #define FBN_SIMD_ROWS_ADD(LOADV)                                                         \
-        for (; c + FBN_W <= C; c += FBN_W) {                                                 \
-            FBN_ROWS_AHEAD(x)                                                                \
-            fbn_vd a = fbn_loadd(k + c);                                                     \
-            for (int j = 0; j < nr; j++) a = fbn_add(a, LOADV(x + j * d + c));               \
-            fbn_storeu(k + c, a);                                                            \
+    /* The columns are taken RV vectors at a time (a cache line of them, at most 4
+     * vectors: RV independent chains of additions down the rows), then one vector at a
+     * time; a column's additions are the same, in the same order, either way. With one
+     * vector at a time, each step was one chain of nr dependent additions: on a Zen 3
+     * (AVX2), a line at a time took 0.73x-0.90x as long for the NCHW training backward
+     * of (128, 512, 7, 7), (32, 256, 14, 14) and (128, 256, 14, 14) float32, 0.85x-0.94x
+     * for their training forward, 0.91x-0.93x for (16, 32, 56, 56) channels last;
+     * (4096, 1024) unchanged (0.98x-1.03x). */
+    #define FBN_ROWS_STEP(RV, SETUP, ROW, DONE)                                              \
+        for (; c + (RV) * FBN_W <= C; c += (RV) * FBN_W) {                                   \
+            SETUP(RV)                                                                        \
+            for (int j = 0; j < nr; j++)                                                     \
+                for (int l = 0; l < (RV); l++) ROW                                           \
+            DONE(RV)                                                                         \
         }
-    #define FBN_SIMD_ROWS_DEV_SQ(LOADV)                                                      \
-        for (; c + FBN_W <= C; c += FBN_W) {                                                 \
-            FBN_ROWS_AHEAD(x)                                                                \
-            fbn_vd kv = fbn_loadd(k + c), a = fbn_loadd(sd + c), b = fbn_loadd(sdd + c), t;  \
-            for (int j = 0; j < nr; j++) {                                                   \
-                t = fbn_sub(LOADV(x + j * d + c), kv);                                       \
-                a = fbn_add(a, t);                                                           \
-                b = fbn_add(b, fbn_mul(t, t));                                               \
-            }                                                                                \
-            fbn_storeu(sd + c, a);                                                           \
-            fbn_storeu(sdd + c, b);                                                          \
+    #define FBN_ROWS_WALK(RV, SETUP, ROW, DONE)                                              \
+        if ((RV) > 1) FBN_ROWS_STEP(RV, SETUP, ROW, DONE)                                    \
+        FBN_ROWS_STEP(1, SETUP, ROW, DONE)
+    #define FBN_ROWS_ADD_SETUP(RV)                                                           \
+        FBN_ROWS_AHEAD(x)                                                                    \
+        fbn_vd a[RV];                                                                        \
+        for (int l = 0; l < (RV); l++) a[l] = fbn_loadd(k + c + l * FBN_W);
+    #define FBN_ROWS_ADD_DONE(RV)                                                            \
+        for (int l = 0; l < (RV); l++) fbn_storeu(k + c + l * FBN_W, a[l]);
+    #define FBN_SIMD_ROWS_ADD(LOADV, RV)                                                     \
+        FBN_ROWS_WALK(RV, FBN_ROWS_ADD_SETUP,                                                \
+                      { a[l] = fbn_add(a[l], LOADV(x + j * d + c + l * FBN_W)); },           \
+                      FBN_ROWS_ADD_DONE)
+    #define FBN_ROWS_DEV_SQ_SETUP(RV)                                                        \
+        FBN_ROWS_AHEAD(x)                                                                    \
+        fbn_vd kv[RV], a[RV], b[RV], t;                                                      \
+        for (int l = 0; l < (RV); l++) {                                                     \
+            kv[l] = fbn_loadd(k + c + l * FBN_W);                                            \
+            a[l] = fbn_loadd(sd + c + l * FBN_W);                                            \
+            b[l] = fbn_loadd(sdd + c + l * FBN_W);                                           \
         }
-    #define FBN_SIMD_ROWS_SUM_DOT(LOADV)                                                     \
-        for (; c + FBN_W <= C; c += FBN_W) {                                                 \
-            FBN_ROWS_AHEAD(g)                                                                \
-            FBN_ROWS_AHEAD(x)                                                                \
-            fbn_vd mv = fbn_loadd(m + c), a = fbn_loadd(sdy + c), b = fbn_loadd(sxm + c), gv; \
-            for (int j = 0; j < nr; j++) {                                                   \
-                gv = LOADV(g + j * d + c);                                                   \
-                a = fbn_add(a, gv);                                                          \
-                b = fbn_add(b, fbn_mul(gv, fbn_sub(LOADV(x + j * d + c), mv)));              \
-            }                                                                                \
-            fbn_storeu(sdy + c, a);                                                          \
-            fbn_storeu(sxm + c, b);                                                          \
+    #define FBN_ROWS_DEV_SQ_DONE(RV)                                                         \
+        for (int l = 0; l < (RV); l++) {                                                     \
+            fbn_storeu(sd + c + l * FBN_W, a[l]);                                            \
+            fbn_storeu(sdd + c + l * FBN_W, b[l]);                                           \
         }
+    #define FBN_SIMD_ROWS_DEV_SQ(LOADV, RV)                                                  \
+        FBN_ROWS_WALK(RV, FBN_ROWS_DEV_SQ_SETUP, {                                           \
+            t = fbn_sub(LOADV(x + j * d + c + l * FBN_W), kv[l]);                            \
+            a[l] = fbn_add(a[l], t);                                                         \
+            b[l] = fbn_add(b[l], fbn_mul(t, t));                                             \
+        }, FBN_ROWS_DEV_SQ_DONE)
+    #define FBN_ROWS_SUM_DOT_SETUP(RV)                                                       \
+        FBN_ROWS_AHEAD(g)                                                                    \
+        FBN_ROWS_AHEAD(x)                                                                    \
+        fbn_vd mv[RV], a[RV], b[RV], gv;                                                     \
+        for (int l = 0; l < (RV); l++) {                                                     \
+            mv[l] = fbn_loadd(m + c + l * FBN_W);                                            \
+            a[l] = fbn_loadd(sdy + c + l * FBN_W);                                           \
+            b[l] = fbn_loadd(sxm + c + l * FBN_W);                                           \
+        }
+    #define FBN_ROWS_SUM_DOT_DONE(RV)                                                        \
+        for (int l = 0; l < (RV); l++) {                                                     \
+            fbn_storeu(sdy + c + l * FBN_W, a[l]);                                           \
+            fbn_storeu(sxm + c + l * FBN_W, b[l]);                                           \
+        }
+    #define FBN_SIMD_ROWS_SUM_DOT(LOADV, RV)                                                 \
+        FBN_ROWS_WALK(RV, FBN_ROWS_SUM_DOT_SETUP, {                                          \
+            gv = LOADV(g + j * d + c + l * FBN_W);                                           \
+            a[l] = fbn_add(a[l], gv);                                                        \
+            b[l] = fbn_add(b[l],                                                             \
+                           fbn_mul(gv, fbn_sub(LOADV(x + j * d + c + l * FBN_W), mv[l])));   \
+        }, FBN_ROWS_SUM_DOT_DONE)
+    /* Vectors per step for values of `size` bytes: a cache line, at most 4. */
+    #define FBN_ROWS_RV(size) (64 / (size) / FBN_W > 4 ? 4 : 64 / (size) / FBN_W)
 #else
-    #define FBN_SIMD_ROWS_ADD(LOADV)
-    #define FBN_SIMD_ROWS_DEV_SQ(LOADV)
-    #define FBN_SIMD_ROWS_SUM_DOT(LOADV)
+    #define FBN_SIMD_ROWS_ADD(LOADV, RV)
+    #define FBN_SIMD_ROWS_DEV_SQ(LOADV, RV)
+    #define FBN_SIMD_ROWS_SUM_DOT(LOADV, RV)
 #endif
 #define FBN_DEFINE_ROWS(SUFFIX, T, LOADV)                                                    \
     static inline void fastbn_rows_add_##SUFFIX(const T* x, int nr, ptrdiff_t d,             \
                                                 ptrdiff_t C, double* k,                      \
                                                 ptrdiff_t ahead, int nnr) {                  \
         ptrdiff_t c = 0;                                                                     \
-        FBN_SIMD_ROWS_ADD(LOADV)                                                             \
+        FBN_SIMD_ROWS_ADD(LOADV, FBN_ROWS_RV(sizeof(T)))                                     \
         for (; c < C; c++)                                                                   \
             for (int j = 0; j < nr; j++) k[c] += (double)x[j * d + c];                       \
     }                                                                                        \
@@ -309,7 +347,7 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
                                                    ptrdiff_t C, const double* k, double* sd, \
                                                    double* sdd, ptrdiff_t ahead, int nnr) {  \
         ptrdiff_t c = 0;                                                                     \
-        FBN_SIMD_ROWS_DEV_SQ(LOADV)                                                          \
+        FBN_SIMD_ROWS_DEV_SQ(LOADV, FBN_ROWS_RV(sizeof(T)))                                  \
         for (; c < C; c++)                                                                   \
             for (int j = 0; j < nr; j++) {                                                   \
                 double t = (double)x[j * d + c] - k[c];                                      \
@@ -322,7 +360,7 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
                                                     const double* m, double* sdy,            \
                                                     double* sxm, ptrdiff_t ahead, int nnr) { \
         ptrdiff_t c = 0;                                                                     \
-        FBN_SIMD_ROWS_SUM_DOT(LOADV)                                                         \
+        FBN_SIMD_ROWS_SUM_DOT(LOADV, FBN_ROWS_RV(sizeof(T)))                                 \
         for (; c < C; c++)                                                                   \
             for (int j = 0; j < nr; j++) {                                                   \
                 double gv = (double)g[j * d + c];                                            \
