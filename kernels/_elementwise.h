@@ -40,18 +40,26 @@
  * vectors, then single values. gcc's own vector loops for these expressions put a lane
  * shuffle (vextract/vinsert) around each conversion between float32 and float64; in a C
  * loop over rows in L2, one core: x * sc + c 6.2 -> 7.8 G values/s (AVX-512; 3.4 -> 6.4
- * with AVX2), the dx expression 3.2 -> 3.8 (2.2 -> 3.7). */
+ * with AVX2), the dx expression 3.2 -> 3.8 (2.2 -> 3.7). A block holds at most FBN_VB
+ * vectors: AVX2 has 16 vector registers, and a block of 16 vectors spilled some to the
+ * stack (a C loop over 7x7 groups of 20 channels in L2, one core of a Zen 3: the dx
+ * expression from tables 1.77 -> 2.28 G values/s with blocks of 8 vectors, from scalars
+ * 2.83 -> 3.84, x * sc + c from tables 4.17 -> 5.71; blocks of 4 vectors: 1.94, 3.47,
+ * 4.25). In the kernels, whose data mostly comes from memory (2 threads, the previous
+ * extension loaded beside this one): training backward 0.92x-0.98x of the time, forward
+ * and inference 0.97x-1.04x. The AVX-512 build's blocks (8 vectors of 8) are unchanged. */
+#define FBN_VB 8
 #if FBN_WIDE
 #define FBN_BLOCKED_F32(OUT, n, EXPR, VEXPR)                                                 \
     do {                                                                                     \
         ptrdiff_t i = 0;                                                                     \
-        for (; i + FBN_BLOCK <= (n); i += FBN_BLOCK) {                                       \
-            fbn_vd v_[FBN_BLOCK / FBN_W];                                                    \
-            for (int l_ = 0; l_ < FBN_BLOCK / FBN_W; l_++) {                                 \
+        for (; i + FBN_VB * FBN_W <= (n); i += FBN_VB * FBN_W) {                             \
+            fbn_vd v_[FBN_VB];                                                               \
+            for (int l_ = 0; l_ < FBN_VB; l_++) {                                            \
                 ptrdiff_t j = i + l_ * FBN_W;                                                \
                 v_[l_] = (VEXPR);                                                            \
             }                                                                                \
-            for (int l_ = 0; l_ < FBN_BLOCK / FBN_W; l_++)                                   \
+            for (int l_ = 0; l_ < FBN_VB; l_++)                                              \
                 fbn_storef((OUT) + i + l_ * FBN_W, v_[l_]);                                  \
         }                                                                                    \
         for (; i + FBN_W <= (n); i += FBN_W) {                                               \

@@ -126,18 +126,20 @@ static inline ptrdiff_t fbn_head(uintptr_t a, ptrdiff_t n, size_t size) {
     for (int l = 0; l < (NB); l += FBN_W) fbn_streamd((p) + l, fbn_loadd((t) + l))
 #define FBN_STREAM_ONE_F64(OUT, EXPR, NB) FBN_STREAM_ONE(OUT, EXPR, FBN_STREAM_BLOCK_F64, NB)
 #if FBN_WIDE
-/* Float32 with wide vectors: the block's FBN_SBLOCK / FBN_W vectors come from VEXPR (the
- * FBN_V_* forms of _elementwise.h, FBN_W values from index j, constants from c + l), then
- * are rounded and streamed; as the plain loops, without gcc's lane shuffles. */
+/* Float32 with wide vectors: the block's vectors come from VEXPR (the FBN_V_* forms of
+ * _elementwise.h, FBN_W values from index j, constants from c + l) at most FBN_VB at a
+ * time, then are rounded and streamed; as the plain loops, without gcc's lane shuffles. */
+#define FBN_SUB_OF(NB) ((NB) < FBN_VB * FBN_W ? (NB) : FBN_VB * FBN_W)
 #define FBN_STREAM_ONE_F32(OUT, VEXPR, NB)                                                   \
-    {                                                                                        \
-        fbn_vd v_[(NB) / FBN_W];                                                             \
-        for (int l = 0; l < (NB); l += FBN_W) {                                              \
+    for (int b_ = 0; b_ < (NB); b_ += FBN_SUB_OF(NB)) {                                      \
+        fbn_vd v_[FBN_SUB_OF(NB) / FBN_W];                                                   \
+        for (int l_ = 0; l_ < FBN_SUB_OF(NB) / FBN_W; l_++) {                                \
+            int l = b_ + l_ * FBN_W;                                                         \
             ptrdiff_t j = i + l;                                                             \
-            v_[l / FBN_W] = (VEXPR);                                                         \
+            v_[l_] = (VEXPR);                                                                \
         }                                                                                    \
-        for (int l = 0; l < (NB) / FBN_W; l += 2)                                            \
-            fbn_streamf((OUT) + i + l * FBN_W, v_[l], v_[l + 1]);                            \
+        for (int l_ = 0; l_ < FBN_SUB_OF(NB) / FBN_W; l_ += 2)                               \
+            fbn_streamf((OUT) + i + b_ + l_ * FBN_W, v_[l_], v_[l_ + 1]);                    \
     }
 #define FBN_STREAM_BODY_F32(OUT, EXPR, VEXPR, CC, NS)                                        \
     FBN_STREAM_BODY(OUT, VEXPR, CC, FBN_STREAM_ONE_F32, NS)
