@@ -287,19 +287,22 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
         FBN_ROWS_WALK(RV, FBN_ROWS_ADD_SETUP,                                                \
                       { a[l] = fbn_add(a[l], LOADV(x + j * d + c + l * FBN_W)); },           \
                       FBN_ROWS_ADD_DONE)
-    #define FBN_ROWS_DEV_SQ_SETUP(RV)                                                        \
-        FBN_ROWS_AHEAD(x)                                                                    \
+    /* The two-sum steps: per-column constants kv from K, accumulators a and b loaded from
+     * A and B, stored back. */
+    #define FBN_ROWS_LOAD2(RV, K, A, B)                                                      \
         fbn_vd kv[RV], a[RV], b[RV], t;                                                      \
         for (int l = 0; l < (RV); l++) {                                                     \
-            kv[l] = fbn_loadd(k + c + l * FBN_W);                                            \
-            a[l] = fbn_loadd(sd + c + l * FBN_W);                                            \
-            b[l] = fbn_loadd(sdd + c + l * FBN_W);                                           \
+            kv[l] = fbn_loadd((K) + c + l * FBN_W);                                          \
+            a[l] = fbn_loadd((A) + c + l * FBN_W);                                           \
+            b[l] = fbn_loadd((B) + c + l * FBN_W);                                           \
         }
-    #define FBN_ROWS_DEV_SQ_DONE(RV)                                                         \
+    #define FBN_ROWS_STORE2(RV, A, B)                                                        \
         for (int l = 0; l < (RV); l++) {                                                     \
-            fbn_storeu(sd + c + l * FBN_W, a[l]);                                            \
-            fbn_storeu(sdd + c + l * FBN_W, b[l]);                                           \
+            fbn_storeu((A) + c + l * FBN_W, a[l]);                                           \
+            fbn_storeu((B) + c + l * FBN_W, b[l]);                                           \
         }
+    #define FBN_ROWS_DEV_SQ_SETUP(RV) FBN_ROWS_AHEAD(x) FBN_ROWS_LOAD2(RV, k, sd, sdd)
+    #define FBN_ROWS_DEV_SQ_DONE(RV) FBN_ROWS_STORE2(RV, sd, sdd)
     #define FBN_SIMD_ROWS_DEV_SQ(LOADV, RV)                                                  \
         FBN_ROWS_WALK(RV, FBN_ROWS_DEV_SQ_SETUP, {                                           \
             t = fbn_sub(LOADV(x + j * d + c + l * FBN_W), kv[l]);                            \
@@ -309,23 +312,14 @@ FBN_DEFINE_COLS(f64, double, fbn_loadd)
     #define FBN_ROWS_SUM_DOT_SETUP(RV)                                                       \
         FBN_ROWS_AHEAD(g)                                                                    \
         FBN_ROWS_AHEAD(x)                                                                    \
-        fbn_vd mv[RV], a[RV], b[RV], gv;                                                     \
-        for (int l = 0; l < (RV); l++) {                                                     \
-            mv[l] = fbn_loadd(m + c + l * FBN_W);                                            \
-            a[l] = fbn_loadd(sdy + c + l * FBN_W);                                           \
-            b[l] = fbn_loadd(sxm + c + l * FBN_W);                                           \
-        }
-    #define FBN_ROWS_SUM_DOT_DONE(RV)                                                        \
-        for (int l = 0; l < (RV); l++) {                                                     \
-            fbn_storeu(sdy + c + l * FBN_W, a[l]);                                           \
-            fbn_storeu(sxm + c + l * FBN_W, b[l]);                                           \
-        }
+        FBN_ROWS_LOAD2(RV, m, sdy, sxm)
+    #define FBN_ROWS_SUM_DOT_DONE(RV) FBN_ROWS_STORE2(RV, sdy, sxm)
     #define FBN_SIMD_ROWS_SUM_DOT(LOADV, RV)                                                 \
         FBN_ROWS_WALK(RV, FBN_ROWS_SUM_DOT_SETUP, {                                          \
-            gv = LOADV(g + j * d + c + l * FBN_W);                                           \
-            a[l] = fbn_add(a[l], gv);                                                        \
+            t = LOADV(g + j * d + c + l * FBN_W);                                            \
+            a[l] = fbn_add(a[l], t);                                                         \
             b[l] = fbn_add(b[l],                                                             \
-                           fbn_mul(gv, fbn_sub(LOADV(x + j * d + c + l * FBN_W), mv[l])));   \
+                           fbn_mul(t, fbn_sub(LOADV(x + j * d + c + l * FBN_W), kv[l])));    \
         }, FBN_ROWS_SUM_DOT_DONE)
     /* Vectors per step for values of `size` bytes: a cache line, at most 4. */
     #define FBN_ROWS_RV(size) (64 / (size) / FBN_W > 4 ? 4 : 64 / (size) / FBN_W)
