@@ -486,16 +486,31 @@ def next_channel(c, step, n_ch):
     return c - n_ch if c >= n_ch else c
 
 
+@inline
+def apply_values(xf, yf, i0, i1, m, sc, b, c, n_ch):
+    """``yf[i] = apply(xf[i], ...)`` for ``i`` in ``[i0, i1)``, one value at a time from
+    channel ``c`` on (the heads and tails of the runs below); returns the channel after."""
+    for i in range(i0, i1):
+        yf[i] = apply(xf[i], at(m, c), at(sc, c), at(b, c))
+        c = c + 1 if c + 1 < n_ch else 0
+    return c
+
+
+@inline
+def dx_values(gf, xf, df, i0, i1, m, k, a, q, c, n_ch):
+    """``apply_values`` for ``df = k * (gf - a - (xf - m) * q)``."""
+    for i in range(i0, i1):
+        df[i] = at(k, c) * (gf[i] - at(a, c) - (xf[i] - at(m, c)) * at(q, c))
+        c = c + 1 if c + 1 < n_ch else 0
+    return c
+
+
 @serial
 def stream_normalize(xf, yf, m, sc, b, n_ch):
     """yf = (xf - m) * sc + b (``apply``) over one run, streamed in order."""
     n = xf.shape[0]
-    h = line_head(yf, n)
-    c = 0
-    for i in range(h):
-        yf[i] = apply(xf[i], at(m, c), at(sc, c), at(b, c))
-        c = c + 1 if c + 1 < n_ch else 0
-    i = h
+    i = line_head(yf, n)
+    c = apply_values(xf, yf, 0, i, m, sc, b, 0, n_ch)
     step = BLOCK % n_ch
     while i + BLOCK <= n:
         stream_apply(xf, yf, i, m, sc, b, c)
@@ -507,9 +522,7 @@ def stream_normalize(xf, yf, m, sc, b, n_ch):
         stream_apply_line(xf, yf, i, m, sc, b, c)
         i += line
         c = next_channel(c, step, n_ch)
-    for j in range(i, n):
-        yf[j] = apply(xf[j], at(m, c), at(sc, c), at(b, c))
-        c = c + 1 if c + 1 < n_ch else 0
+    apply_values(xf, yf, i, n, m, sc, b, c, n_ch)
 
 
 @serial
@@ -531,9 +544,7 @@ def run_normalize(xf, yf, m, sc, b, n_ch):
         plain_apply_vector(xf, yf, i, m, sc, b, c)
         i += VECTOR
         c = next_channel(c, step, n_ch)
-    for j in range(i, n):
-        yf[j] = apply(xf[j], at(m, c), at(sc, c), at(b, c))
-        c = c + 1 if c + 1 < n_ch else 0
+    apply_values(xf, yf, i, n, m, sc, b, c, n_ch)
 
 
 @serial
@@ -547,21 +558,15 @@ def run_grad(gf, xf, df, m, k, a, q, n_ch):
         plain_dx(gf, xf, df, i, m, k, a, q, c)
         i += BLOCK
         c = next_channel(c, step, n_ch)
-    for j in range(i, n):
-        df[j] = k[c] * (gf[j] - a[c] - (xf[j] - m[c]) * q[c])
-        c = c + 1 if c + 1 < n_ch else 0
+    dx_values(gf, xf, df, i, n, m, k, a, q, c, n_ch)
 
 
 @serial
 def stream_grad(gf, xf, df, m, k, a, q, n_ch):
     """df = k * (gf - a - (xf - m) * q) over one run, streamed in order."""
     n = xf.shape[0]
-    h = line_head(df, n)
-    c = 0
-    for i in range(h):
-        df[i] = at(k, c) * (gf[i] - at(a, c) - (xf[i] - at(m, c)) * at(q, c))
-        c = c + 1 if c + 1 < n_ch else 0
-    i = h
+    i = line_head(df, n)
+    c = dx_values(gf, xf, df, 0, i, m, k, a, q, 0, n_ch)
     step = BLOCK % n_ch
     while i + BLOCK <= n:
         stream_dx(gf, xf, df, i, m, k, a, q, c)
@@ -573,9 +578,7 @@ def stream_grad(gf, xf, df, m, k, a, q, n_ch):
         stream_dx_line(gf, xf, df, i, m, k, a, q, c)
         i += line
         c = next_channel(c, step, n_ch)
-    for j in range(i, n):
-        df[j] = at(k, c) * (gf[j] - at(a, c) - (xf[j] - at(m, c)) * at(q, c))
-        c = c + 1 if c + 1 < n_ch else 0
+    dx_values(gf, xf, df, i, n, m, k, a, q, c, n_ch)
 
 
 # ------------------------------------------------------------ grid and merging
