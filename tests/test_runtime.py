@@ -135,7 +135,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
         capture_output=True,
         text=True,
         env=full_env,
-        timeout=120,
+        timeout=300,  # a fresh numba compile takes 1.5 min on a slow host
     )
 
 

@@ -547,6 +547,14 @@ def run_normalize(xf, yf, m, sc, b, n_ch):
     apply_values(xf, yf, i, n, m, sc, b, c, n_ch)
 
 
+# The group forward calls these once per sample (runs of G*S values); inlined there, its
+# (128, 512, 7, 7) training forward took 0.94x-0.97x the time (same process, against the
+# calls). Elsewhere they are called once per row or per thread and stay calls: inlined
+# everywhere, a fresh compile of the kernels took 1.2x as long.
+stream_normalize_inline = inline(stream_normalize.py_func)
+run_normalize_inline = inline(run_normalize.py_func)
+
+
 @serial
 def run_grad(gf, xf, df, m, k, a, q, n_ch):
     """``stream_grad`` with ordinary stores (``plain_dx``), as ``run_normalize``."""
@@ -994,9 +1002,9 @@ def nchw_train_forward_groups(x, weight, bias, eps, y, mean, var, invstd, stream
         for n in range(n_rows):
             o = n * w + c0 * s
             if stream:
-                stream_normalize(xf[o : o + run], yf[o : o + run], mu, su, bu, run)
+                stream_normalize_inline(xf[o : o + run], yf[o : o + run], mu, su, bu, run)
             else:
-                run_normalize(xf[o : o + run], yf[o : o + run], mu, su, bu, run)
+                run_normalize_inline(xf[o : o + run], yf[o : o + run], mu, su, bu, run)
         if stream:
             fence()
         keep(pm)
