@@ -973,8 +973,8 @@ def nchw_train_forward_channels(x, weight, bias, eps, y, mean, var, invstd, stre
 def nchw_train_forward_groups(x, weight, bias, eps, y, mean, var, invstd, stream):
     """Groups of short rows (``nchw_group`` > 1): a group's statistics (group_moments),
     then its output while it is in cache, sample by sample, each sample's run of ``gl * s``
-    values written at once with the constants of every position (stream_normalize with
-    tables of one run; ``stream``: the run is streamed). Same arithmetic as the
+    values written at once with the constants of every position (stream_normalize, inlined,
+    with tables of one run; ``stream``: the run is streamed). Same arithmetic as the
     statistics followed by nchw_normalize, hence the same bits."""
     n_rows, n_ch, s = x.shape
     g = nchw_sum_group(n_rows, n_ch, s, False)

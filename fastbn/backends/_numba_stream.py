@@ -150,19 +150,18 @@ def _check_constants(*constants) -> None:
 
 
 def _by_lines(context, builder, outty, out, idx, off, n: int, nontemporal: bool, value):
-    """Compute a block of n values line by line of the output (``value(i, o, k)``: the k
-    values from index ``i``, constants from ``o``), then store the lines, both in ascending
-    order. As one vector of n, LLVM split the block into pieces it loaded and stored from
-    the last to the first (AVX2): in a loop over the runs of 7x7 groups with the input
-    coming from memory (one thread, streamed), that took 1.27x the time of this order."""
-    k = min(n, _line(outty))
+    """Compute a block of n values line by line of the output (``value(i, o, width)``: the
+    ``width`` values from index ``i``, constants from ``o``), then store the lines, both in
+    ascending order. As one vector of n, LLVM split the block into pieces it loaded and
+    stored from the last to the first (AVX2): in a loop over the runs of 7x7 groups with the
+    input coming from memory (one thread, streamed), that took 1.27x the time of this order."""
+    width = min(n, _line(outty))
     lines = []
-    for p in range(0, n, k):
-        step = ir.Constant(idx.type, p)
-        at = builder.add(idx, step)
-        lines.append((at, value(at, builder.add(off, ir.Constant(off.type, p)), k)))
+    for p in range(0, n, width):
+        at = builder.add(idx, ir.Constant(idx.type, p))
+        lines.append((at, value(at, builder.add(off, ir.Constant(off.type, p)), width)))
     for at, v in lines:
-        _store(context, builder, outty, out, at, v, nontemporal, k)
+        _store(context, builder, outty, out, at, v, nontemporal, width)
 
 
 def _apply_codegen(nontemporal: bool, n: int):
@@ -170,12 +169,12 @@ def _apply_codegen(nontemporal: bool, n: int):
         tx, ty, _, tm, ts, tb, _ = signature.args
         ax, ay, idx, vm, vs, vb, off = args
 
-        def value(i, o, k):
-            v = _load_f64(context, builder, tx, ax, i, k)
+        def value(i, o, width):
+            v = _load_f64(context, builder, tx, ax, i, width)
             if not isinstance(tm, types.NoneType):
-                v = builder.fsub(v, _constant(context, builder, tm, vm, o, k))
-            v = builder.fmul(v, _constant(context, builder, ts, vs, o, k))
-            return builder.fadd(v, _constant(context, builder, tb, vb, o, k))
+                v = builder.fsub(v, _constant(context, builder, tm, vm, o, width))
+            v = builder.fmul(v, _constant(context, builder, ts, vs, o, width))
+            return builder.fadd(v, _constant(context, builder, tb, vb, o, width))
 
         _by_lines(context, builder, ty, ay, idx, off, n, nontemporal, value)
         return context.get_dummy_value()
@@ -221,16 +220,16 @@ def _dx_codegen(nontemporal: bool, n: int):
         tg, tx, td, _, tm, tk, ta, tq, _ = signature.args
         ag, ax, ad, idx, vm, vk, va, vq, off = args
 
-        def value(i, o, k):
-            gv = _load_f64(context, builder, tg, ag, i, k)
-            xv = _load_f64(context, builder, tx, ax, i, k)
-            left = builder.fsub(gv, _constant(context, builder, ta, va, o, k))
+        def value(i, o, width):
+            gv = _load_f64(context, builder, tg, ag, i, width)
+            xv = _load_f64(context, builder, tx, ax, i, width)
+            left = builder.fsub(gv, _constant(context, builder, ta, va, o, width))
             right = builder.fmul(
-                builder.fsub(xv, _constant(context, builder, tm, vm, o, k)),
-                _constant(context, builder, tq, vq, o, k),
+                builder.fsub(xv, _constant(context, builder, tm, vm, o, width)),
+                _constant(context, builder, tq, vq, o, width),
             )
-            k_ = _constant(context, builder, tk, vk, o, k)
-            return builder.fmul(k_, builder.fsub(left, right))
+            scale = _constant(context, builder, tk, vk, o, width)
+            return builder.fmul(scale, builder.fsub(left, right))
 
         _by_lines(context, builder, td, ad, idx, off, n, nontemporal, value)
         return context.get_dummy_value()
