@@ -324,16 +324,41 @@ def test_time_entries_warms_up_and_interleaves() -> None:
     done: list[int] = []
     bench.time_entries(entries, repeat=3, warmup=2, pause=0.0, advance=done.append)
     assert calls[:6] == ["a", "a", "b", "b", "c", "c"]
-    assert calls[6:] == ["a", "b", "c", "b", "c", "a", "c", "a", "b"]  # rotated rounds
+    rounds = [calls[6 + 3 * r : 9 + 3 * r] for r in range(3)]
+    assert all(sorted(r) == ["a", "b", "c"] for r in rounds), rounds
     assert all(len(e.times) == 3 for e in entries)
     assert sum(done) == 3 * (2 + 3)
+
+
+def test_rounds_are_shuffled_reproducibly_and_never_repeat_an_entry_back_to_back() -> None:
+    def orders(seed: int) -> list[str]:
+        calls: list[str] = []
+        entries = [bench.Entry(n, "fresh", lambda n=n: calls.append(n)) for n in "abcde"]
+        bench.time_entries(entries, repeat=40, warmup=1, pause=0.0, seed=seed)
+        return calls[5:]
+
+    calls = orders(0)
+    rounds = ["".join(calls[5 * r : 5 * r + 5]) for r in range(40)]
+    assert all(sorted(r) == list("abcde") for r in rounds)
+    # A fixed cyclic order would give every entry one predecessor: here each gets several.
+    predecessors = {
+        n: {calls[i - 1] for i in range(1, len(calls)) if calls[i] == n} for n in "abcde"
+    }
+    assert all(len(p) >= 3 for p in predecessors.values()), predecessors
+    assert all(calls[i] != calls[i - 1] for i in range(1, len(calls)))
+    assert calls[0] != "e"  # the last entry warmed up
+    assert orders(0) == calls
+    assert orders(1) != calls
 
 
 def test_warm_calls_each_entry_again_right_before_its_timed_call() -> None:
     calls: list[str] = []
     entries = [bench.Entry(name, "out", lambda name=name: calls.append(name)) for name in "ab"]
     bench.time_entries(entries, repeat=2, warmup=1, pause=0.0, warm=True)
-    assert calls == ["a", "b", "a", "a", "b", "b", "b", "b", "a", "a"]
+    assert calls[:2] == ["a", "b"]  # warm-up
+    pairs = [calls[i : i + 2] for i in range(2, len(calls), 2)]
+    assert all(p[0] == p[1] for p in pairs), calls  # the warm call, then the timed one
+    assert sorted(p[0] for p in pairs) == ["a", "a", "b", "b"]
     assert all(len(e.times) == 2 for e in entries)
 
 

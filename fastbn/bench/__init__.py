@@ -20,10 +20,11 @@ Measurement
 * For every case the implementations, at every thread count of ``--threads``, are timed
   *interleaved* (so the thread scaling also compares calls taken side by side): each one is
   first called ``--warmup`` times (JIT compilation, page faults and caches are excluded),
-  then ``--repeat`` rounds call every implementation once, in an order rotated each round,
-  with a short ``--pause`` before each call (at most that implementation's previous call
-  time) so that a runtime's spinning worker threads do not steal cores from the next
-  call. The reported time is the median over the rounds.
+  then ``--repeat`` rounds call every implementation once, each round in a new random
+  order (``--seed``; never the same implementation twice in a row), with a short
+  ``--pause`` before each call (at most that implementation's previous call time) so that
+  a runtime's spinning worker threads do not steal cores from the next call. The reported
+  time is the median over the rounds.
 * ``--warm`` calls each implementation once more, untimed, right before each of its timed
   calls (after the pause): its input and output are then in cache when they fit, as for a
   layer whose input the previous layer just wrote. Without it, the other implementations

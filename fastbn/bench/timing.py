@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import datetime as _dt
 import os
+import random
 import statistics
 import time
 import tracemalloc
@@ -113,8 +114,13 @@ def time_entries(
     advance: Callable[[int], None] = lambda n: None,
     warm: bool = False,
     scope: Callable[[Entry], contextlib.AbstractContextManager[object]] | None = None,
+    seed: int = 0,
 ) -> None:
-    """Warm every entry up, then time `repeat` interleaved rounds (rotated order).
+    """Warm every entry up, then time `repeat` interleaved rounds, each in a new order.
+
+    The order of a round is a random permutation (from `seed`) whose first entry is not the
+    last of the round before: a fixed cyclic order, even rotated, gives every entry the same
+    predecessor in every round, whose traces (dirty lines, busy threads) it then pays for.
 
     Parameters
     ----------
@@ -133,6 +139,8 @@ def time_entries(
     scope : callable, optional
         ``scope(entry)`` is a context entered around each call of the entry, outside its
         timing (the run sets the entry's thread count with it: that takes microseconds).
+    seed : int
+        Seed of the rounds' orders.
     """
     scope = scope or (lambda entry: contextlib.nullcontext())
     last = {}
@@ -145,10 +153,14 @@ def time_entries(
                 last[id(entry)] = time.perf_counter() - t0
             del result
         advance(warmup)
-    k = len(entries)
-    for r in range(repeat):
-        for j in range(k):
-            entry = entries[(r + j) % k]
+    rng = random.Random(seed)
+    order = list(entries)
+    for _ in range(repeat):
+        previous = order[-1]
+        rng.shuffle(order)
+        if order[0] is previous and len(order) > 1:
+            order[0], order[1] = order[1], order[0]
+        for entry in order:
             nap = min(pause, last[id(entry)])
             if nap > 0:
                 time.sleep(nap)
@@ -312,6 +324,7 @@ def run(config: Config, console: Any = None) -> dict[str, Any]:
                     lambda k: progress.advance(task, k),
                     config.warm,
                     scope=lambda entry: thread_scope(config.impls, entry.threads),
+                    seed=config.seed,
                 )
                 if config.memory:
                     for entry in entries:
