@@ -144,7 +144,7 @@ class Config:
     copy_mib : int
         Size of the array copied for the bandwidth measurement.
     seed : int
-        Seed of the random data.
+        Seed of the random data and of the order of the timed rounds.
     notes : list of str
         Notes collected while resolving the configuration (skipped implementations).
     """
@@ -329,7 +329,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=256,
         help="MiB copied for the copy-bandwidth roofline (default: 256)",
     )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    parser.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the data and of the rounds' order (default: 0)",
+    )
     parser.add_argument(
         "--no-progress", dest="progress", action="store_false", help="no progress bar"
     )
