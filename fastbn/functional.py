@@ -165,14 +165,14 @@ def batch_norm_backward(
     call = d.prepare(x, layout, backend, out, aliases=(dy,))
     channels = call.plan.channels
     ops = call.ops
-    mean = ops.f64(d.check_vector(save_mean, channels, "save_mean", ops))
-    invstd = ops.f64(d.check_vector(save_invstd, channels, "save_invstd", ops))
+    mean = d.f64_vector(save_mean, channels, "save_mean", ops)
+    invstd = d.f64_vector(save_invstd, channels, "save_invstd", ops)
     w = d.vector_or(weight, channels, "weight", 1.0, ops)
     if ops.device and not ops.c_contiguous(dy):
         raise ValueError("dy on the device must be C-contiguous")
     dyc = call.plan.view(dy)
     dxc, dx = call.output(call.xc.dtype)
-    sum_dy, sum_dy_xmu = ops.empty(channels, np.float64), ops.empty(channels, np.float64)
+    sum_dy, sum_dy_xmu = ops.vectors(2, channels)
     kernels, threads = call.kernels, get_num_threads()
     if training:
         kernels["backward_train"](dyc, call.xc, mean, invstd, w, dxc, sum_dy, sum_dy_xmu, threads)
@@ -188,7 +188,6 @@ def moments(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Per-channel mean and population variance, float64, in one pass over memory."""
     call = d.prepare(x, layout, backend)
-    mean = call.ops.empty(call.plan.channels, np.float64)
-    var = call.ops.empty(call.plan.channels, np.float64)
+    mean, var = call.ops.vectors(2, call.plan.channels)
     call.kernels["stats"](call.xc, mean, var, get_num_threads())
     return mean, var

@@ -389,3 +389,41 @@ def test_backward_without_forward_and_after_failed_forward(backend):
     np.testing.assert_array_equal(bn.running_mean, 0.0)
     with pytest.raises(RuntimeError, match="forward"):  # the failed forward saved nothing
         bn.backward(np.zeros((1, 3), np.float32))
+
+
+def test_remembered_checks_still_check_out_and_strides(backend):
+    """The dispatch layer remembers the checks and plan of an input's shape, strides and
+    dtype (``_dispatch.prepare``): ``out`` is still checked on every call, and an input
+    of the same shape with other strides gets a plan of its own."""
+    s = State(backend)
+    x = s.x
+    expected = train_(s, x, out=np.empty_like(x))[0].copy()  # the plan is now remembered
+    readonly = np.empty_like(x)
+    readonly.flags.writeable = False
+    buf = np.empty(2 * x.size, x.dtype)
+    x_in_buf = buf[: x.size].reshape(x.shape)
+    x_in_buf[...] = x
+    shifted = buf[1 : x.size + 1].reshape(x.shape)  # overlaps x_in_buf without being it
+    bad_outs = [
+        (readonly, "writable"),
+        (np.empty(x.shape, np.float64), "dtype"),
+        (np.empty((4, 3, 6), x.dtype), "shape"),
+        (np.empty((4, 5, 3), x.dtype).transpose(0, 2, 1), "C-contiguous"),
+    ]
+    for _ in range(2):
+        for out, match in bad_outs:
+            with pytest.raises(ValueError, match=match):
+                train_(s, x, out=out)
+        train_(s, x_in_buf, out=np.empty_like(x))
+        with pytest.raises(ValueError, match="overlaps"):
+            train_(s, x_in_buf, out=shifted)
+    s.assert_unchanged(f"remembered checks [backend={backend}]")
+    x4 = make_data((2, 3, 4, 5), np.float32, "NCHW")
+    want = train_(s, x4)[0]
+    channels_last = x4.transpose(0, 2, 3, 1).copy().transpose(0, 3, 1, 2)
+    for other in (channels_last, np.asfortranarray(x4), np.repeat(x4, 2, axis=3)[..., ::2]):
+        y = train_(s, other)[0]
+        np.testing.assert_array_equal(y, want, err_msg=f"strides {other.strides} [{backend}]")
+        if other is channels_last:  # computed where it lies: the output is channels last too
+            assert y.transpose(0, 2, 3, 1).flags.c_contiguous, (backend, y.strides)
+    np.testing.assert_array_equal(train_(s, x)[0], expected, err_msg=f"[{backend}]")

@@ -715,6 +715,10 @@ class DeviceOps:
         """An uninitialized device array."""
         return empty(shape, dtype)
 
+    def vectors(self, k: int, n: int) -> tuple[Any, ...]:
+        """`k` uninitialized float64 device arrays of shape (n,)."""
+        return tuple(empty(n, np.float64) for _ in range(k))
+
     output = empty
 
     def full(self, n: int, value: float, dtype: Any = np.float64) -> Any:
