@@ -640,6 +640,30 @@ def test_float32_apply_is_x_times_scale_plus_shift(case: tuple[str, tuple[int, .
                 module.stream_min_bytes(old)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: np.dtype(d).name)
+@pytest.mark.parametrize("shape", [(16, 40, 49), (19, 9, 196), (9, 70, 25)], ids=str)
+def test_tile_requests_give_the_same_bits(shape: tuple[int, ...], dtype: type) -> None:
+    """Groups of short rows request the next tile of samples ahead of their reads or not
+    (``tile_requests``, by default from the L2's size): the values are the same."""
+    x = _data(shape, "nchw", dtype, seed=21)
+    dy = _data(shape, "nchw", dtype, seed=22, offset=0.5, spread=1.0)
+    for module in _builds():
+        old = module.tile_requests()
+        try:
+            outs = {}
+            for on in (True, False):
+                assert module.tile_requests(on) in (True, False)
+                for kernel in KERNELS:
+                    outs[on, kernel] = run(kernel, "nchw", x, 2, dy=dy, module=module)
+            for kernel in KERNELS:
+                for name, value in outs[True, kernel].items():
+                    what = _what(kernel, "nchw", x, f"output={name} {module.build_simd()}")
+                    assert value.tobytes() == outs[False, kernel][name].tobytes(), what
+        finally:
+            module.tile_requests(old)
+        assert module.tile_requests() == old
+
+
 def test_stream_threshold() -> None:
     """The streaming threshold is positive by default, settable, and rejects negatives."""
     for module in _builds():
