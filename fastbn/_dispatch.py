@@ -61,9 +61,6 @@ class HostOps:
     def to_host(self, a: np.ndarray) -> np.ndarray:
         return a
 
-    def empty(self, shape: int | tuple[int, ...], dtype: Any) -> np.ndarray:
-        return np.empty(shape, dtype=dtype)
-
     def vectors(self, k: int, n: int) -> tuple[np.ndarray, ...]:
         """`k` uninitialized float64 arrays of shape (n,) (the rows of one allocation)."""
         return tuple(np.empty((k, n)))

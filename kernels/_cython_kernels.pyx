@@ -186,8 +186,9 @@ if _stream_min_bytes <= 0:
 # Whether the walks over groups of short NCHW rows (``_group_pass``) request the next tile's
 # lines as they read this one. A group holds up to NCHW_GROUP_CACHE values of the arrays it
 # reads again from cache, 512 KiB of float32. With a core's L2 of 1 MiB (the Zen 4) the
-# requests made the (128, 512, 7, 7) float32 backward 1.10x-1.18x faster; with 512 KiB
-# (the Zen 3), which a group fills, they evict lines the group still needs: without them
+# requests paid (numba's (128, 512, 7, 7) statistics, which make the same requests, took
+# 0.88x-0.95x of the time with them); with 512 KiB (the Zen 3), which a group fills, they
+# evict lines the group still needs: without them
 # the training backward of (128, 512, 7, 7), (128, 256, 14, 14), (32, 256, 14, 14) and
 # (16, 512, 7, 7) float32 took 0.85x-0.92x the time, their training forward 0.88x-0.99x
 # (2 threads, same process). Same values either way.

@@ -711,15 +711,13 @@ class DeviceOps:
         """Copy a device array to a new host array."""
         return to_host(a)
 
-    def empty(self, shape: int | tuple[int, ...], dtype: Any) -> Any:
+    def output(self, shape: int | tuple[int, ...], dtype: Any) -> Any:
         """An uninitialized device array."""
         return empty(shape, dtype)
 
     def vectors(self, k: int, n: int) -> tuple[Any, ...]:
         """`k` uninitialized float64 device arrays of shape (n,)."""
         return tuple(empty(n, np.float64) for _ in range(k))
-
-    output = empty
 
     def full(self, n: int, value: float, dtype: Any = np.float64) -> Any:
         """A ``(n,)`` device array filled with ``value``."""
