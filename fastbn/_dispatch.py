@@ -380,7 +380,7 @@ def prepare(
     56)`` and ``(128, 512, 7, 7)``, training forward, inference and backward).
     """
     key = None
-    if type(x) is np.ndarray and type(layout) is str and type(backend) in (str, type(None)):
+    if type(x) is np.ndarray and type(layout) is str and (backend is None or type(backend) is str):
         key = (x.shape, x.strides, x.dtype, layout, backend, out is None)
         known = _PLANS.get(key)
         if known is not None:

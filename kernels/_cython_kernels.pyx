@@ -178,9 +178,8 @@ SERIAL_WORK = _SERIAL_WORK
 cdef enum:
     _STREAM_MIN_RUN = 4 * FBN_SBLOCK
 
-cdef Py_ssize_t _stream_min_bytes = 2 * fastbn_l2_bytes()
-if _stream_min_bytes <= 0:
-    _stream_min_bytes = 4 * 1024 * 1024
+cdef long _l2_bytes = fastbn_l2_bytes()
+cdef Py_ssize_t _stream_min_bytes = 2 * _l2_bytes if _l2_bytes > 0 else 4 * 1024 * 1024
 
 
 # Whether the walks over groups of short NCHW rows (``_group_pass``) request the next tile's
@@ -192,7 +191,7 @@ if _stream_min_bytes <= 0:
 # the training backward of (128, 512, 7, 7), (128, 256, 14, 14), (32, 256, 14, 14) and
 # (16, 512, 7, 7) float32 took 0.85x-0.92x the time, their training forward 0.88x-0.99x
 # (2 threads, same process). Same values either way.
-cdef bint _tile_requests = fastbn_l2_bytes() <= 0 or fastbn_l2_bytes() > 4 * _NCHW_GROUP_CACHE
+cdef bint _tile_requests = _l2_bytes <= 0 or _l2_bytes > 4 * _NCHW_GROUP_CACHE
 
 
 def tile_requests(enabled=None):

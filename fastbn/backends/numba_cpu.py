@@ -160,13 +160,14 @@ def _l2_bytes() -> int:
     return 0
 
 
+_L2_BYTES = _l2_bytes()
 #: The store rule's size threshold by default: twice a core's L2 cache (4 MiB if unknown).
-DEFAULT_STREAM_MIN_BYTES = 2 * _l2_bytes() or 4 << 20
+DEFAULT_STREAM_MIN_BYTES = 2 * _L2_BYTES or 4 << 20
 #: Whether the group walks (short NCHW rows) request the next tile's lines as they read:
 #: when a core's L2 holds more than a group (GROUP_CACHE values, 512 KiB of float32), as
 #: the Cython kernels decide (``tile_requests``, with the measurements). A constant of the
 #: compiled code (numba's disk cache is per CPU model).
-TILE_REQUESTS = _l2_bytes() <= 0 or _l2_bytes() > 4 * GROUP_CACHE
+TILE_REQUESTS = _L2_BYTES <= 0 or _L2_BYTES > 4 * GROUP_CACHE
 _stream_min_bytes = DEFAULT_STREAM_MIN_BYTES
 
 
