@@ -32,8 +32,14 @@ from ._numba_stream import (
     stream_dx,
     stream_dx_line,
     tile_add_line,
+    tile_add_one,
+    tile_add_quad,
     tile_deviations_line,
+    tile_deviations_one,
+    tile_deviations_quad,
     tile_grad_sums_line,
+    tile_grad_sums_one,
+    tile_grad_sums_quad,
     unowned,
     wrap,
 )
@@ -370,9 +376,49 @@ def period_sums(db, xb, per, m, a, b, pa, pb, mp):
 
 # Per-position sums of a group of short NCHW rows (group_moments): a sample of channels
 # c0..c0+gl is the run x2[n, lo:lo + w] of the (n_rows, n_ch * s) view. Each position
-# receives the samples in order: pos_tile_* take GROUP_TILE = 8 samples as 8 row views
-# (with the rows as separate arrays LLVM vectorizes across positions; a 2-D block or a
-# runtime row count measured 3x slower), pos_* one sample.
+# receives the samples in order: the tile_* intrinsics take GROUP_TILE = 8 samples (a
+# cache line of positions, then 4 and 1 at a time for a run's last positions: tile_*_run),
+# pos_* one sample. The last positions went through a loop over 8 row views per tile
+# before (a call with 11 arrays): numba's (128, 512, 7, 7) statistics took 1.16x-1.25x
+# the Cython kernel's time then, with 4 of a run's 980 positions left after its lines.
+
+
+@inline
+def tile_add_run(xf, b, w, width, acc):
+    """tile_add_line over positions [0, width) of the tile at xf[b:] (rows w apart)."""
+    step = LINE // xf.itemsize
+    j = 0
+    while j + step <= width:
+        tile_add_line(xf, b, w, j, acc)
+        j += step
+    while j + 4 <= width:
+        tile_add_quad(xf, b, w, j, acc)
+        j += 4
+    while j < width:
+        tile_add_one(xf, b, w, j, acc)
+        j += 1
+
+
+@inline
+def tile_deviations_tail(xf, b, w, j, width, k, sd, sq):
+    """tile_deviations_line over positions [j, width), fewer than a cache line."""
+    while j + 4 <= width:
+        tile_deviations_quad(xf, b, w, j, k, sd, sq)
+        j += 4
+    while j < width:
+        tile_deviations_one(xf, b, w, j, k, sd, sq)
+        j += 1
+
+
+@inline
+def tile_grad_sums_tail(gf, xf, b, w, j, width, m, sa, sb):
+    """tile_grad_sums_line over positions [j, width), fewer than a cache line."""
+    while j + 4 <= width:
+        tile_grad_sums_quad(gf, xf, b, w, j, m, sa, sb)
+        j += 4
+    while j < width:
+        tile_grad_sums_one(gf, xf, b, w, j, m, sa, sb)
+        j += 1
 
 
 @serial
@@ -380,13 +426,6 @@ def pos_add(r, acc):
     """acc[j] += r[j]."""
     for j in range(acc.shape[0]):
         acc[j] += r[j]
-
-
-@serial
-def pos_tile_add(r0, r1, r2, r3, r4, r5, r6, r7, acc):
-    """acc[j] += r0[j], then r1[j], ..., r7[j] (eight samples in order)."""
-    for j in range(acc.shape[0]):
-        acc[j] = acc[j] + r0[j] + r1[j] + r2[j] + r3[j] + r4[j] + r5[j] + r6[j] + r7[j]
 
 
 @serial
@@ -399,58 +438,12 @@ def pos_deviations(r, m, sd, sq):
 
 
 @serial
-def pos_tile_deviations(r0, r1, r2, r3, r4, r5, r6, r7, m, sd, sq):
-    """pos_deviations of eight samples in order."""
-    for j in range(sd.shape[0]):
-        mj = m[j]
-        d0 = r0[j] - mj
-        d1 = r1[j] - mj
-        d2 = r2[j] - mj
-        d3 = r3[j] - mj
-        d4 = r4[j] - mj
-        d5 = r5[j] - mj
-        d6 = r6[j] - mj
-        d7 = r7[j] - mj
-        sd[j] = sd[j] + d0 + d1 + d2 + d3 + d4 + d5 + d6 + d7
-        sq[j] = (
-            sq[j] + d0 * d0 + d1 * d1 + d2 * d2 + d3 * d3 + d4 * d4 + d5 * d5 + d6 * d6 + d7 * d7
-        )
-
-
-@serial
 def pos_grad_sums(g, r, m, a, b):
     """a[j] += g[j], b[j] += g[j] * (r[j] - m[j])."""
     for j in range(a.shape[0]):
         e = g[j] * 1.0
         a[j] += e
         b[j] += e * (r[j] - m[j])
-
-
-@serial
-def pos_tile_grad_sums(g0, g1, g2, g3, g4, g5, g6, g7, r0, r1, r2, r3, r4, r5, r6, r7, m, a, b):
-    """pos_grad_sums of eight samples in order."""
-    for j in range(a.shape[0]):
-        mj = m[j]
-        e0 = g0[j] * 1.0
-        e1 = g1[j] * 1.0
-        e2 = g2[j] * 1.0
-        e3 = g3[j] * 1.0
-        e4 = g4[j] * 1.0
-        e5 = g5[j] * 1.0
-        e6 = g6[j] * 1.0
-        e7 = g7[j] * 1.0
-        a[j] = a[j] + e0 + e1 + e2 + e3 + e4 + e5 + e6 + e7
-        b[j] = (
-            b[j]
-            + e0 * (r0[j] - mj)
-            + e1 * (r1[j] - mj)
-            + e2 * (r2[j] - mj)
-            + e3 * (r3[j] - mj)
-            + e4 * (r4[j] - mj)
-            + e5 * (r5[j] - mj)
-            + e6 * (r6[j] - mj)
-            + e7 * (r7[j] - mj)
-        )
 
 
 # ------------------------------------------------------------ streamed outputs
@@ -728,7 +721,7 @@ def group_moments(x, c0, gl, m, m2):
     """m[j], m2[j] = exact mean and M2 of channel c0 + j, j < gl (a group of short rows).
 
     A sample of the group is one contiguous run of ``gl * s`` values: each position of it
-    is summed over the samples in order (pos_*), then the positions of a channel
+    is summed over the samples in order (tile_*, pos_*), then the positions of a channel
     (row_sum). One pass centred on ``K``, the mean of the first GROUP_TILE samples (summed
     first, then in cache): ``sd = sum(x - K)`` and ``sq = sum((x - K)**2)`` give
     ``(K + sd/M, sq - sd**2/M)``, as the Cython kernels do. The deviations take a tile of
@@ -746,20 +739,17 @@ def group_moments(x, c0, gl, m, m2):
     sd = np.zeros(gl * s)
     sq = np.zeros(gl * s)
     k = np.zeros(gl * s)
+    xf = x.reshape(-1)
+    w = x2.shape[1]
+    width = hi - lo
     n0 = min(n_rows, GROUP_TILE)
     if n0 == GROUP_TILE:
-        pos_tile_add(
-            x2[0, lo:hi], x2[1, lo:hi], x2[2, lo:hi], x2[3, lo:hi],
-            x2[4, lo:hi], x2[5, lo:hi], x2[6, lo:hi], x2[7, lo:hi], k,
-        )  # fmt: skip
+        tile_add_run(xf, lo, w, width, k)
     else:
         for n in range(n0):
             pos_add(x2[n, lo:hi], k)
     for j in range(gl):
         k[j * s : (j + 1) * s] = row_sum(k[j * s : (j + 1) * s]) / float(n0 * s)
-    xf = x.reshape(-1)
-    w = x2.shape[1]
-    width = hi - lo
     step = LINE // x.itemsize  # one cache line of positions
     lines = width - width % step
     n = 0
@@ -770,13 +760,7 @@ def group_moments(x, c0, gl, m, m2):
             tile_deviations_line(xf, b, w, j, k, sd, sq)
             for i in range(nnr):
                 request(xf, b + (GROUP_TILE + i) * w + j)
-        if lines < width:
-            pos_tile_deviations(
-                x2[n, lo + lines:hi], x2[n + 1, lo + lines:hi], x2[n + 2, lo + lines:hi],
-                x2[n + 3, lo + lines:hi], x2[n + 4, lo + lines:hi], x2[n + 5, lo + lines:hi],
-                x2[n + 6, lo + lines:hi], x2[n + 7, lo + lines:hi],
-                k[lines:], sd[lines:], sq[lines:],
-            )  # fmt: skip
+        tile_deviations_tail(xf, b, w, lines, width, k, sd, sq)
         n += GROUP_TILE
     while n < n_rows:
         pos_deviations(x2[n, lo:hi], k, sd, sq)
@@ -817,15 +801,7 @@ def group_grad_sums(dy, x, c0, gl, mean, a, b):
             for i in range(nnr):
                 request(gf, b0 + (GROUP_TILE + i) * w + j)
                 request(xf, b0 + (GROUP_TILE + i) * w + j)
-        if lines < width:
-            t0, t1 = lo + lines, hi
-            pos_tile_grad_sums(
-                g2[n, t0:t1], g2[n + 1, t0:t1], g2[n + 2, t0:t1], g2[n + 3, t0:t1],
-                g2[n + 4, t0:t1], g2[n + 5, t0:t1], g2[n + 6, t0:t1], g2[n + 7, t0:t1],
-                x2[n, t0:t1], x2[n + 1, t0:t1], x2[n + 2, t0:t1], x2[n + 3, t0:t1],
-                x2[n + 4, t0:t1], x2[n + 5, t0:t1], x2[n + 6, t0:t1], x2[n + 7, t0:t1],
-                m[lines:], pa[lines:], pb[lines:],
-            )  # fmt: skip
+        tile_grad_sums_tail(gf, xf, b0, w, lines, width, m, pa, pb)
         n += GROUP_TILE
     while n < n_rows:
         pos_grad_sums(g2[n, lo:hi], x2[n, lo:hi], m, pa, pb)

@@ -261,90 +261,124 @@ def plain_dx(typingctx, g, x, d, i, m, k, a, q, c):
     return types.void(g, x, d, i, m, k, a, q, c), _dx_codegen(False, BLOCK)
 
 
-def _tile_deviations_codegen(context, builder, signature, args):
-    tx, _, _, _, tk, tsd, tsq = signature.args
-    ax, ab, aw, aj, vk, vsd, vsq = args
-    n = _line(tx)
-    kv = _load_f64(context, builder, tk, vk, aj, n)
-    sdv = _load_f64(context, builder, tsd, vsd, aj, n)
-    sqv = _load_f64(context, builder, tsq, vsq, aj, n)
-    for i in range(TILE):
-        row = builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i)))
-        d = builder.fsub(_load_f64(context, builder, tx, ax, builder.add(row, aj), n), kv)
-        sdv = builder.fadd(sdv, d)
-        sqv = builder.fadd(sqv, builder.fmul(d, d))
-    _store(context, builder, tsd, vsd, aj, sdv, False, n)
-    _store(context, builder, tsq, vsq, aj, sqv, False, n)
-    return context.get_dummy_value()
+def _tile_width(n, tx) -> int:
+    """Positions a tile intrinsic takes: ``n``, or one cache line of ``tx`` when None."""
+    return _line(tx) if n is None else n
 
 
-@intrinsic
-def tile_deviations_line(typingctx, x, b, w, j, k, sd, sq):
-    """For the ``TILE`` rows ``x[b + i*w:]`` (``i < TILE``) and one cache line of positions
-    from ``j`` (16 float32 or 8 float64): ``sd[j] += d_0 + ... + d_7`` and ``sq[j] += d_0**2 +
-    ... + d_7**2`` with ``d_i = x[b + i*w + j] - k[j]``, in that order (the same operations as
-    ``pos_tile_deviations``, hence the same bits). One vector per row: a loop over the lines
-    can request the next tile's lines between them (``request``)."""
-    _check_arrays(x)
-    for a in (k, sd, sq):
+def _float64_arrays(*arrays) -> None:
+    for a in arrays:
         if not isinstance(a, types.Array) or a.dtype != types.float64:
             raise TypeError(f"expected a float64 array, got {a}")
-    return types.void(x, b, w, j, k, sd, sq), _tile_deviations_codegen
 
 
-def _tile_add_codegen(context, builder, signature, args):
-    tx, _, _, _, ta = signature.args
-    ax, ab, aw, aj, va = args
-    n = _line(tx)
-    av = _load_f64(context, builder, ta, va, aj, n)
-    for i in range(TILE):
-        at = builder.add(builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i))), aj)
-        av = builder.fadd(av, _load_f64(context, builder, tx, ax, at, n))
-    _store(context, builder, ta, va, aj, av, False, n)
-    return context.get_dummy_value()
+def _tile_deviations(n):
+    """The ``tile_deviations_*`` intrinsic over ``n`` positions (None: a cache line)."""
+
+    def codegen(context, builder, signature, args):
+        tx, _, _, _, tk, tsd, tsq = signature.args
+        ax, ab, aw, aj, vk, vsd, vsq = args
+        width = _tile_width(n, tx)
+        kv = _load_f64(context, builder, tk, vk, aj, width)
+        sdv = _load_f64(context, builder, tsd, vsd, aj, width)
+        sqv = _load_f64(context, builder, tsq, vsq, aj, width)
+        for i in range(TILE):
+            row = builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i)))
+            xv = _load_f64(context, builder, tx, ax, builder.add(row, aj), width)
+            d = builder.fsub(xv, kv)
+            sdv = builder.fadd(sdv, d)
+            sqv = builder.fadd(sqv, builder.fmul(d, d))
+        _store(context, builder, tsd, vsd, aj, sdv, False, width)
+        _store(context, builder, tsq, vsq, aj, sqv, False, width)
+        return context.get_dummy_value()
+
+    def tile_deviations(typingctx, x, b, w, j, k, sd, sq):
+        _check_arrays(x)
+        _float64_arrays(k, sd, sq)
+        return types.void(x, b, w, j, k, sd, sq), codegen
+
+    return intrinsic(tile_deviations)
 
 
-@intrinsic
-def tile_add_line(typingctx, x, b, w, j, acc):
-    """``tile_deviations_line`` for a plain sum: ``acc[j] += x_0 + ... + x_7`` with ``x_i =
-    x[b + i*w + j]``, in that order (``pos_tile_add``'s operations)."""
-    _check_arrays(x)
-    if not isinstance(acc, types.Array) or acc.dtype != types.float64:
-        raise TypeError(f"expected a float64 array, got {acc}")
-    return types.void(x, b, w, j, acc), _tile_add_codegen
+tile_deviations_line = _tile_deviations(None)
+tile_deviations_line.__doc__ = """For the ``TILE`` rows ``x[b + i*w:]`` (``i < TILE``) and one
+cache line of positions from ``j`` (16 float32 or 8 float64): ``sd[j] += d_0 + ... + d_7``
+and ``sq[j] += d_0**2 + ... + d_7**2`` with ``d_i = x[b + i*w + j] - k[j]``, in that order
+(each position's operations do not depend on how many are taken at once, hence the same
+bits as ``tile_deviations_quad`` and ``_one``, which take 4 and 1 positions for a run's
+last positions). One vector per row: a loop over the lines can request the next tile's
+lines between them (``request``)."""
+tile_deviations_quad = _tile_deviations(4)
+tile_deviations_one = _tile_deviations(1)
 
 
-def _tile_grad_sums_codegen(context, builder, signature, args):
-    tg, tx, _, _, _, tm, ta, tb = signature.args
-    ag, ax, ab, aw, aj, vm, va, vb = args
-    n = _line(tx)
-    mv = _load_f64(context, builder, tm, vm, aj, n)
-    av = _load_f64(context, builder, ta, va, aj, n)
-    bv = _load_f64(context, builder, tb, vb, aj, n)
-    for i in range(TILE):
-        at = builder.add(builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i))), aj)
-        e = _load_f64(context, builder, tg, ag, at, n)
-        av = builder.fadd(av, e)
-        bv = builder.fadd(
-            bv, builder.fmul(e, builder.fsub(_load_f64(context, builder, tx, ax, at, n), mv))
-        )
-    _store(context, builder, ta, va, aj, av, False, n)
-    _store(context, builder, tb, vb, aj, bv, False, n)
-    return context.get_dummy_value()
+def _tile_add(n):
+    """The ``tile_add_*`` intrinsic over ``n`` positions (None: a cache line)."""
+
+    def codegen(context, builder, signature, args):
+        tx, _, _, _, ta = signature.args
+        ax, ab, aw, aj, va = args
+        width = _tile_width(n, tx)
+        av = _load_f64(context, builder, ta, va, aj, width)
+        for i in range(TILE):
+            at = builder.add(builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i))), aj)
+            av = builder.fadd(av, _load_f64(context, builder, tx, ax, at, width))
+        _store(context, builder, ta, va, aj, av, False, width)
+        return context.get_dummy_value()
+
+    def tile_add(typingctx, x, b, w, j, acc):
+        _check_arrays(x)
+        _float64_arrays(acc)
+        return types.void(x, b, w, j, acc), codegen
+
+    return intrinsic(tile_add)
 
 
-@intrinsic
-def tile_grad_sums_line(typingctx, g, x, b, w, j, m, sa, sb):
-    """``tile_deviations_line`` for the backward sums: ``sa[j] += e_0 + ... + e_7`` and
-    ``sb[j] += e_0 * (x_0 - m[j]) + ... + e_7 * (x_7 - m[j])`` with ``e_i = g[b + i*w + j]``
-    and ``x_i = x[b + i*w + j]``, in that order (``pos_tile_grad_sums``'s operations)."""
-    _check_arrays(g, x)
-    if g.dtype != x.dtype:
-        raise TypeError(f"g and x must have one dtype, got {g} and {x}")
-    for a in (m, sa, sb):
-        if not isinstance(a, types.Array) or a.dtype != types.float64:
-            raise TypeError(f"expected a float64 array, got {a}")
-    return types.void(g, x, b, w, j, m, sa, sb), _tile_grad_sums_codegen
+tile_add_line = _tile_add(None)
+tile_add_line.__doc__ = """``tile_deviations_line`` for a plain sum: ``acc[j] += x_0 + ... +
+x_7`` with ``x_i = x[b + i*w + j]``, in that order (``tile_add_quad``, ``_one``: 4 and 1
+positions)."""
+tile_add_quad = _tile_add(4)
+tile_add_one = _tile_add(1)
+
+
+def _tile_grad_sums(n):
+    """The ``tile_grad_sums_*`` intrinsic over ``n`` positions (None: a cache line)."""
+
+    def codegen(context, builder, signature, args):
+        tg, tx, _, _, _, tm, ta, tb = signature.args
+        ag, ax, ab, aw, aj, vm, va, vb = args
+        width = _tile_width(n, tx)
+        mv = _load_f64(context, builder, tm, vm, aj, width)
+        av = _load_f64(context, builder, ta, va, aj, width)
+        bv = _load_f64(context, builder, tb, vb, aj, width)
+        for i in range(TILE):
+            at = builder.add(builder.add(ab, builder.mul(aw, ir.Constant(ab.type, i))), aj)
+            e = _load_f64(context, builder, tg, ag, at, width)
+            av = builder.fadd(av, e)
+            xm = builder.fsub(_load_f64(context, builder, tx, ax, at, width), mv)
+            bv = builder.fadd(bv, builder.fmul(e, xm))
+        _store(context, builder, ta, va, aj, av, False, width)
+        _store(context, builder, tb, vb, aj, bv, False, width)
+        return context.get_dummy_value()
+
+    def tile_grad_sums(typingctx, g, x, b, w, j, m, sa, sb):
+        _check_arrays(g, x)
+        if g.dtype != x.dtype:
+            raise TypeError(f"g and x must have one dtype, got {g} and {x}")
+        _float64_arrays(m, sa, sb)
+        return types.void(g, x, b, w, j, m, sa, sb), codegen
+
+    return intrinsic(tile_grad_sums)
+
+
+tile_grad_sums_line = _tile_grad_sums(None)
+tile_grad_sums_line.__doc__ = """``tile_deviations_line`` for the backward sums: ``sa[j] += e_0 +
+... + e_7`` and ``sb[j] += e_0 * (x_0 - m[j]) + ... + e_7 * (x_7 - m[j])`` with ``e_i =
+g[b + i*w + j]`` and ``x_i = x[b + i*w + j]``, in that order (``tile_grad_sums_quad``,
+``_one``: 4 and 1 positions)."""
+tile_grad_sums_quad = _tile_grad_sums(4)
+tile_grad_sums_one = _tile_grad_sums(1)
 
 
 @intrinsic

@@ -75,7 +75,7 @@ GROUP_CACHE = 131072
 GROUP_SHORT_ROW = 64
 GROUP_BACKWARD_ROW = 320
 #: A group's statistics are centred on the mean of its first GROUP_TILE samples, and its
-#: per-position sums take GROUP_TILE samples at a time (``pos_tile_*`` take exactly 8).
+#: per-position sums take GROUP_TILE samples at a time (``tile_*`` of _numba_stream take 8).
 GROUP_TILE = 8
 
 #: Outputs of at least ``stream_min_bytes()`` bytes, written in contiguous runs of at least
