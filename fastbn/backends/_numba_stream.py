@@ -21,7 +21,9 @@ sums the deviations of a tile of ``GROUP_TILE`` samples over one cache line of p
 so that the loop over the lines can ``request`` (prefetch) the next tile's lines between
 them (a vectorized loop with the requests inside is not vectorized; split into short spans
 it ran 1.2x-1.4x slower); it, ``tile_add_line`` and ``tile_grad_sums_line`` (the backward
-sums) also sum the periods of narrow NHWC rows (``nhwc_period`` of _numba_kernels).
+sums) also sum the periods of narrow NHWC rows (``nhwc_period`` of _numba_kernels). Their
+``_quad`` and ``_one`` forms take 4 and 1 positions: a group's last positions after its
+whole lines.
 ``unowned`` and ``keep`` let the kernels pass arrays to the functions they call per row
 without numba's reference counting, whose locked instructions wait for the streaming
 stores; ``positions`` makes a group's per-position tables.
@@ -272,7 +274,7 @@ def _float64_arrays(*arrays) -> None:
             raise TypeError(f"expected a float64 array, got {a}")
 
 
-def _tile_deviations(n):
+def _tile_deviations(n, doc: str):
     """The ``tile_deviations_*`` intrinsic over ``n`` positions (None: a cache line)."""
 
     def codegen(context, builder, signature, args):
@@ -297,22 +299,25 @@ def _tile_deviations(n):
         _float64_arrays(k, sd, sq)
         return types.void(x, b, w, j, k, sd, sq), codegen
 
+    tile_deviations.__doc__ = doc
     return intrinsic(tile_deviations)
 
 
-tile_deviations_line = _tile_deviations(None)
-tile_deviations_line.__doc__ = """For the ``TILE`` rows ``x[b + i*w:]`` (``i < TILE``) and one
-cache line of positions from ``j`` (16 float32 or 8 float64): ``sd[j] += d_0 + ... + d_7``
-and ``sq[j] += d_0**2 + ... + d_7**2`` with ``d_i = x[b + i*w + j] - k[j]``, in that order
-(each position's operations do not depend on how many are taken at once, hence the same
-bits as ``tile_deviations_quad`` and ``_one``, which take 4 and 1 positions for a run's
-last positions). One vector per row: a loop over the lines can request the next tile's
-lines between them (``request``)."""
-tile_deviations_quad = _tile_deviations(4)
-tile_deviations_one = _tile_deviations(1)
+tile_deviations_line = _tile_deviations(
+    None,
+    """For the ``TILE`` rows ``x[b + i*w:]`` (``i < TILE``) and one cache line of positions
+    from ``j`` (16 float32 or 8 float64): ``sd[j] += d_0 + ... + d_7`` and
+    ``sq[j] += d_0**2 + ... + d_7**2`` with ``d_i = x[b + i*w + j] - k[j]``, in that order
+    (a position's operations do not depend on how many positions are taken at once: the
+    same bits as ``tile_deviations_quad`` and ``_one``, which take a run's last positions
+    4 and 1 at a time). One vector per row: a loop over the lines can request the next
+    tile's lines between them (``request``).""",
+)
+tile_deviations_quad = _tile_deviations(4, "``tile_deviations_line`` over 4 positions from ``j``.")
+tile_deviations_one = _tile_deviations(1, "``tile_deviations_line`` over the one position ``j``.")
 
 
-def _tile_add(n):
+def _tile_add(n, doc: str):
     """The ``tile_add_*`` intrinsic over ``n`` positions (None: a cache line)."""
 
     def codegen(context, builder, signature, args):
@@ -331,18 +336,20 @@ def _tile_add(n):
         _float64_arrays(acc)
         return types.void(x, b, w, j, acc), codegen
 
+    tile_add.__doc__ = doc
     return intrinsic(tile_add)
 
 
-tile_add_line = _tile_add(None)
-tile_add_line.__doc__ = """``tile_deviations_line`` for a plain sum: ``acc[j] += x_0 + ... +
-x_7`` with ``x_i = x[b + i*w + j]``, in that order (``tile_add_quad``, ``_one``: 4 and 1
-positions)."""
-tile_add_quad = _tile_add(4)
-tile_add_one = _tile_add(1)
+tile_add_line = _tile_add(
+    None,
+    """``tile_deviations_line`` for a plain sum: ``acc[j] += x_0 + ... + x_7`` with
+    ``x_i = x[b + i*w + j]``, in that order (``tile_add_quad``, ``_one``: 4 and 1 positions).""",
+)
+tile_add_quad = _tile_add(4, "``tile_add_line`` over 4 positions from ``j``.")
+tile_add_one = _tile_add(1, "``tile_add_line`` over the one position ``j``.")
 
 
-def _tile_grad_sums(n):
+def _tile_grad_sums(n, doc: str):
     """The ``tile_grad_sums_*`` intrinsic over ``n`` positions (None: a cache line)."""
 
     def codegen(context, builder, signature, args):
@@ -369,16 +376,19 @@ def _tile_grad_sums(n):
         _float64_arrays(m, sa, sb)
         return types.void(g, x, b, w, j, m, sa, sb), codegen
 
+    tile_grad_sums.__doc__ = doc
     return intrinsic(tile_grad_sums)
 
 
-tile_grad_sums_line = _tile_grad_sums(None)
-tile_grad_sums_line.__doc__ = """``tile_deviations_line`` for the backward sums: ``sa[j] += e_0 +
-... + e_7`` and ``sb[j] += e_0 * (x_0 - m[j]) + ... + e_7 * (x_7 - m[j])`` with ``e_i =
-g[b + i*w + j]`` and ``x_i = x[b + i*w + j]``, in that order (``tile_grad_sums_quad``,
-``_one``: 4 and 1 positions)."""
-tile_grad_sums_quad = _tile_grad_sums(4)
-tile_grad_sums_one = _tile_grad_sums(1)
+tile_grad_sums_line = _tile_grad_sums(
+    None,
+    """``tile_deviations_line`` for the backward sums: ``sa[j] += e_0 + ... + e_7`` and
+    ``sb[j] += e_0 * (x_0 - m[j]) + ... + e_7 * (x_7 - m[j])`` with ``e_i = g[b + i*w + j]``
+    and ``x_i = x[b + i*w + j]``, in that order (``tile_grad_sums_quad``, ``_one``: 4 and 1
+    positions).""",
+)
+tile_grad_sums_quad = _tile_grad_sums(4, "``tile_grad_sums_line`` over 4 positions from ``j``.")
+tile_grad_sums_one = _tile_grad_sums(1, "``tile_grad_sums_line`` over the one position ``j``.")
 
 
 @intrinsic
