@@ -74,8 +74,30 @@ def _block_pointer(context, builder, arrty, arr, index, elem: ir.Type, n: int) -
     return builder.bitcast(builder.gep(data, [index]), ir.VectorType(elem, n).as_pointer())
 
 
+def _align_stack(builder) -> None:
+    """Align the stack of the function being built to a cache line.
+
+    The functions these intrinsics go into hold many vectors, and LLVM spills some of them
+    to the stack in the hot loops (the streamed blocks of 64 float32 values need 16 vector
+    registers for their loads, all there are with AVX2). With numba's 16-byte stack
+    alignment a 32-byte spill slot crosses a page boundary when the stack pointer sits at
+    the wrong 16 bytes of its page, and each access to it then costs hundreds of cycles:
+    the loop ran 7x slower. The stack's offset in its page is random per process, so
+    about one process in 20-30 ran numba's NCHW inference or training backward of
+    (32, 64, 56, 56) that slowly (13-15 ms against 2 ms), depending on how deep the call
+    was (reproduced by padding the stack: 2 of 256 offsets for the streamed normalize, 6
+    for ``dx``). Aligned, the slots never cross a line.
+    """
+    attributes = builder.function.attributes
+    attributes.alignstack = LINE
+    # llvmlite writes a function's attributes only when its set of named ones is not
+    # empty (alignstack is not one of them): nounwind, which numba's functions are.
+    attributes.add("nounwind")
+
+
 def _load_f64(context, builder, arrty, arr, index, n: int) -> ir.Value:
     """n values of arr from index, widened to float64 (exact for float32)."""
+    _align_stack(builder)
     elem = context.get_data_type(arrty.dtype)
     item = elem.get_abi_size(context.target_data)
     v = builder.load(_block_pointer(context, builder, arrty, arr, index, elem, n), align=item)
