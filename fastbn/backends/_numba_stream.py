@@ -78,15 +78,14 @@ def _align_stack(builder) -> None:
     """Align the stack of the function being built to a cache line.
 
     The functions these intrinsics go into hold many vectors, and LLVM spills some of them
-    to the stack in the hot loops (the streamed blocks of 64 float32 values need 16 vector
-    registers for their loads, all there are with AVX2). With numba's 16-byte stack
-    alignment a 32-byte spill slot crosses a page boundary when the stack pointer sits at
-    the wrong 16 bytes of its page, and each access to it then costs hundreds of cycles:
-    the loop ran 7x slower. The stack's offset in its page is random per process, so
-    about one process in 20-30 ran numba's NCHW inference or training backward of
-    (32, 64, 56, 56) that slowly (13-15 ms against 2 ms), depending on how deep the call
-    was (reproduced by padding the stack: 2 of 256 offsets for the streamed normalize, 6
-    for ``dx``). Aligned, the slots never cross a line.
+    to the stack in the hot loops (a streamed block of 64 float32 values needs 16 vector
+    registers for its loads, all that AVX2 has). numba aligns its stack to 16 bytes only,
+    so a 32-byte spill slot crosses a page boundary at some stack positions. Calling the
+    kernels with the stack shifted 16 bytes at a time, the streamed normalize ran 7-8x
+    slower at 2 of the 256 positions (32 bytes apart, as its two spill slots) and ``dx``
+    at 6. The stack's position in its page is random per process: 7 of about 360 processes
+    ran numba's NCHW inference of (32, 64, 56, 56) at 13-17 ms instead of 2 through the
+    public API, fast when called one frame deeper. Aligned, no position is slow.
     """
     attributes = builder.function.attributes
     attributes.alignstack = LINE
