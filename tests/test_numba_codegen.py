@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import re
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,3 +48,18 @@ def test_functions_with_vector_intrinsics_align_their_stack() -> None:
     llvm = stream_normalize.inspect_llvm(stream_normalize.signatures[0])
     attributes = _attributes(llvm, "stream_normalize")
     assert re.search(r"alignstack[(=]64", attributes), attributes
+
+
+def test_kernel_file_changes_with_the_code_it_compiles() -> None:
+    """numba's disk cache is keyed on the text of _numba_kernels.py alone: its
+    SOURCES_DIGEST must follow _numba_stream.py and numba_cpu.py, or processes load kernels
+    compiled from their old text (the stack alignment did not reach a cache made before
+    it)."""
+    backends = Path(_numba_kernels.__file__).parent
+    text = b"".join(
+        (backends / name).read_bytes() for name in ("_numba_stream.py", "numba_cpu.py")
+    )
+    digest = hashlib.sha256(text).hexdigest()[:16]
+    assert _numba_kernels.SOURCES_DIGEST == digest, (
+        f"set SOURCES_DIGEST = {digest!r} in fastbn/backends/_numba_kernels.py"
+    )

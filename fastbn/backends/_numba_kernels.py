@@ -63,6 +63,13 @@ from .numba_cpu import (
 )
 
 _cache = _cache_enabled()
+#: numba (0.68) keys its disk cache on a hash of this file's text alone, while the kernels
+#: also compile the intrinsics of _numba_stream.py and the constants of numba_cpu.py: this
+#: digest of those two files (the first 16 hex digits of the SHA-256 of their bytes, in
+#: that order) makes a change to either a change to this file, so that no process loads
+#: kernels compiled from their old text. tests/test_numba_codegen.py checks it and prints
+#: the new value.
+SOURCES_DIGEST = "9aae61095e8c65de"
 # Fast-math (reassociation) only where it is needed: the float64 sums over one row or row
 # block, which LLVM vectorizes with it. Everything else (per-channel arithmetic, Chan
 # merges, elementwise outputs) is plain IEEE arithmetic in source order: with reassociation

@@ -36,8 +36,10 @@ None for float32 outputs, which are ``x * scale + shift``. The jitted helpers th
 formula for the plain loops too (``apply``, ``at``, ``span``, ``output_constants``) live here
 beside ``stream_apply`` so that the two cannot drift apart.
 
-numba's disk cache is keyed on ``_numba_kernels.py`` alone: after editing this module, touch
-that file (or set ``FASTBN_NUMBA_CACHE=0``) or the cached kernels keep the old code.
+numba's disk cache is keyed on the text of ``_numba_kernels.py`` alone (a hash of it, not
+its modification time: touching the file changes nothing): ``SOURCES_DIGEST`` there is a
+digest of this module and ``numba_cpu.py``, which a test checks, so that editing either
+changes that file too. To compare code generation, use a fresh ``NUMBA_CACHE_DIR``.
 """
 
 import platform
