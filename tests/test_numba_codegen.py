@@ -15,22 +15,18 @@ from fastbn.backends import _numba_kernels  # noqa: E402
 
 
 def _attributes(llvm: str, name: str) -> str:
-    """The attributes of the function whose name contains `name`, written on its
-    ``define`` line or in the attribute groups that line refers to."""
+    """The attributes of the function whose name contains `name` (not its Python or C
+    wrappers), written on its ``define`` line or in the attribute groups it refers to."""
+    lines = llvm.splitlines()
+    wrappers = ("cpython.", "cfunc.", "_ZN7cpython")
     define = next(
         line
-        for line in llvm.splitlines()
-        if line.startswith("define") and name in line and "cpython" not in line
-        if "cfunc." not in line
+        for line in lines
+        if line.startswith("define") and name in line and not any(w in line for w in wrappers)
     )
     head = define[define.rindex(")") :]
-    groups = [
-        line
-        for line in llvm.splitlines()
-        for group in re.findall(r"#\d+", head)
-        if line.startswith(f"attributes {group} ")
-    ]
-    return " ".join([head, *groups])
+    groups = {f"attributes {group} " for group in re.findall(r"#\d+", head)}
+    return " ".join([head, *(line for line in lines if line.startswith(tuple(groups)))])
 
 
 def test_functions_with_vector_intrinsics_align_their_stack() -> None:
